@@ -1,0 +1,131 @@
+"""Autograd glue shared by both backends: the chunk loop (three GEMMs per chunk) and the Function.
+
+Per chunk of rows: z = h_c W^T + b (GEMM 1), a row kernel turns z into loss/lse and, in place, into
+g = dL/dz; then dh_c = g W (GEMM 2) and dW += g^T h_c (GEMM 3). Total 6*N*D*V FLOPs, the floor.
+
+Scalar reductions (mean/sum) compute the gradients during the forward, scaled by 1/denominator, and the
+backward only multiplies them by the incoming scalar. reduction="none" cannot know its per-token upstream
+gradient in the forward, so it stores nothing but the inputs and recomputes the chunks in the backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .chunking import rows_per_chunk
+from .spec import LossSpec, RowInputs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the Function needs besides tensors."""
+
+    spec: LossSpec
+    ce_rows: Callable  # (z, RowInputs, LossSpec, compute_grad) -> (loss_rows, lse_rows)
+    bytes_per_logit: Callable  # (LossSpec, chunk dtype) -> int
+    compute_dtype: torch.dtype
+    budget_bytes: int
+
+
+@dataclass
+class Grads:
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def chunked_pass(h, w, b, rows: RowInputs, active_rows, plan: Plan, need: tuple[bool, bool, bool]):
+    """Loss per row (float32, zeros at ignored rows) and, if any of `need`, the gradients.
+
+    active_rows: None (all rows) or an int64 index of the rows that carry loss; others are skipped.
+    """
+    n_total, vocab = h.shape[0], w.shape[0]
+    need_dh, need_dw, need_db = need
+    compute_grad = any(need)
+    wc = w.to(plan.compute_dtype)
+    bc = b.to(plan.compute_dtype) if b is not None else None
+    acc_dtype = torch.promote_types(plan.compute_dtype, torch.float32)  # float32, or float64 for f64 inputs
+    loss = torch.zeros(n_total, dtype=acc_dtype, device=h.device)
+    dh = dw = db = None
+    if need_dh:
+        dh = (torch.zeros_like if active_rows is not None else torch.empty_like)(h)
+    if need_dw:
+        dw = torch.zeros(w.shape, dtype=acc_dtype, device=w.device)
+    if need_db:
+        db = torch.zeros(vocab, dtype=acc_dtype, device=w.device)
+    n_active = n_total if active_rows is None else active_rows.numel()
+    step = rows_per_chunk(n_active, vocab, plan.bytes_per_logit(plan.spec, plan.compute_dtype), plan.budget_bytes)
+    for start in range(0, n_active, step):
+        sel = slice(start, min(start + step, n_active))
+        if active_rows is not None:
+            sel = active_rows[sel]
+        hc = (h[sel] if isinstance(sel, slice) else h.index_select(0, sel)).to(plan.compute_dtype)
+        z = torch.addmm(bc, hc, wc.t()) if bc is not None else hc @ wc.t()
+        loss_c, _ = plan.ce_rows(z, rows.select(sel), plan.spec, compute_grad)
+        _put_rows(loss, sel, loss_c)
+        if need_dh:
+            _put_rows(dh, sel, z @ wc)
+        if need_dw:
+            _accumulate_dw(dw, z, hc)
+        if need_db:
+            db += z.sum(0, dtype=acc_dtype)
+    return loss, Grads(dh, dw, db)
+
+
+def _put_rows(dst, sel, src):
+    if isinstance(sel, slice):
+        dst[sel] = src
+    else:
+        dst.index_copy_(0, sel, src.to(dst.dtype))
+
+
+def _accumulate_dw(dw, g, hc):
+    if g.dtype == dw.dtype:
+        dw.addmm_(g.t(), hc)
+    else:  # low-precision GEMM (fp32 accumulation inside), summed across chunks in fp32
+        dw += g.t() @ hc
+
+
+def _finish(grad, dtype):
+    return None if grad is None else grad.to(dtype)
+
+
+class FusedLinearCrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, rows: RowInputs, denom, active_rows, plan: Plan):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        reduction = plan.spec.reduction
+        ctx.plan, ctx.need = plan, need
+        if reduction == "none":
+            loss_rows, _ = chunked_pass(h, w, b, rows, active_rows, plan, (False, False, False))
+            if any(need):
+                ctx.save_for_backward(h, w, b)
+                ctx.rows, ctx.active_rows = rows, active_rows
+            return loss_rows
+        inv = (1.0 / denom).to(torch.promote_types(plan.compute_dtype, torch.float32))
+        rows.scale = inv.expand(h.shape[0])
+        loss_rows, grads = chunked_pass(h, w, b, rows, active_rows, plan, need)
+        ctx.grads = grads
+        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        return loss_rows.sum() * inv
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan, need = ctx.plan, ctx.need
+        if plan.spec.reduction == "none":
+            h, w, b = ctx.saved_tensors
+            rows = ctx.rows
+            rows.scale = grad_out.contiguous()
+            _, grads = chunked_pass(h, w, b, rows, ctx.active_rows, plan, need)
+            like = (h.dtype, w.dtype, None if b is None else b.dtype)
+        else:
+            grads, like = ctx.grads, ctx.dtypes
+            ctx.grads = None  # free the saved gradients as soon as they are handed over
+            go = grad_out
+            for g in (grads.hidden, grads.weight, grads.bias):
+                if g is not None:
+                    g.mul_(go.to(g.dtype))
+        return (_finish(grads.hidden, like[0]), _finish(grads.weight, like[1]),
+                _finish(grads.bias, like[2]) if like[2] is not None else None, None, None, None, None)

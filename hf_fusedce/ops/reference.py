@@ -1,0 +1,75 @@
+"""The loss written out in full, logits materialized: the definition every backend must match.
+
+Used as the float64 oracle in the tests and readable as the specification of every option.
+Never used for training (it holds the whole [tokens x vocab] logits).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def transform_logits(raw: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    """z = softcap * tanh(logit_scale * raw / softcap), raw = W h + b."""
+    z = raw * logit_scale if logit_scale != 1.0 else raw
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def reference_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    token_weights: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable, materialized; computes in the dtype it is given (pass float64 for an oracle)."""
+    soft = target_probs is not None
+    lead = targets.shape[:-1] if soft else targets.shape
+    d = hidden.shape[-1]
+    raw = hidden.reshape(-1, d) @ weight.t()
+    if bias is not None:
+        raw = raw + bias
+    z = transform_logits(raw, logit_scale, softcap)
+    logp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    vocab = z.shape[-1]
+    if soft:
+        ids = targets.reshape(-1, targets.shape[-1])
+        tau = target_probs.reshape(ids.shape).to(logp.dtype)
+        keep = ids != ignore_index
+        tau = torch.where(keep, tau, torch.zeros_like(tau))
+        picked = logp.gather(1, torch.where(keep, ids, torch.zeros_like(ids)))
+        nll = -(tau * picked).sum(-1)
+        valid = keep.any(-1)
+    else:
+        ids = targets.reshape(-1)
+        valid = ids != ignore_index
+        safe = torch.where(valid, ids, torch.zeros_like(ids))
+        nll = -logp.gather(1, safe[:, None]).squeeze(1)
+    per_token = (1.0 - label_smoothing) * nll
+    if label_smoothing:
+        per_token = per_token - label_smoothing * logp.sum(-1) / vocab
+    if z_loss:
+        per_token = per_token + z_loss * lse.square()
+    if token_weights is not None:
+        per_token = per_token * token_weights.reshape(-1).to(per_token.dtype)
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token.reshape(lead)
+    total = per_token.sum()
+    if num_items_in_batch is not None:
+        denom = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
+        return total / denom.clamp(min=1)
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1).to(total.dtype)
