@@ -1,0 +1,1 @@
+"""The `hf-fusedce` command line: thin subcommands over the library."""
