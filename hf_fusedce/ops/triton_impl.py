@@ -1,0 +1,134 @@
+"""The `triton` backend's row kernel: loss, logsumexp and in-place dL/dlogits for one chunk of logits rows.
+
+The three GEMMs of each chunk run in cuBLAS (see autograd.py); this kernel is the only other pass over the
+chunk: one program per row reads it twice (online max/sum, then gradient) and overwrites it with the gradient
+in the chunk's own dtype, so a chunk needs no buffer beyond itself. Math identical to torch_impl.ce_rows.
+Row offsets are int64: N*V beyond 2^31 is safe. On CPU tensors it runs under TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import LossSpec, RowInputs
+
+
+def working_bytes_per_logit(spec: LossSpec, chunk_dtype: torch.dtype) -> int:
+    return torch.finfo(chunk_dtype).bits // 8  # the kernel works in registers, in place
+
+
+@triton.jit
+def _tanh(y):
+    """tanh in float32 to ~1 ulp: odd series near 0 (where 1 - exp(-2|y|) would cancel), exp form elsewhere.
+    Written out because libdevice.tanh does not run under the interpreter that CI tests with."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    y2 = y * y
+    small = a * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.0625, small, big)
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _transform(raw, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """x = softcap * tanh(scale * raw / softcap); also returns tanh for the chain rule."""
+    y = raw * logit_scale
+    if HAS_SOFTCAP:
+        t = _tanh(y / softcap)
+        return softcap * t, t
+    return y, y
+
+
+@triton.jit
+def _ce_rows_kernel(
+    Z, stride_z, IDS, PROBS, WEIGHT, SCALE, stride_scale, LOSS, LSE,
+    V, K, logit_scale, softcap, eps, z_loss,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    K_POW2: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z
+    kk = tl.arange(0, K_POW2)
+    kmask = kk < K
+    ids = tl.load(IDS + row * K + kk, mask=kmask, other=0)
+    tau = tl.load(PROBS + row * K + kk, mask=kmask, other=0.0)
+    w = tl.load(WEIGHT + row)
+
+    # Pass 1: per-lane online max and sum of exponentials, reduced once at the end.
+    m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s_lane = tl.zeros([BLOCK_V], tl.float32)
+    x_sum = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        raw = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x, _ = _transform(raw, logit_scale, softcap, HAS_SOFTCAP)
+        x = tl.where(mask, x, float("-inf"))
+        m_new = tl.maximum(m_lane, x)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf)
+        s_lane = s_lane * tl.exp(m_lane - m_safe) + tl.exp(x - m_safe)
+        m_lane = m_new
+        if HAS_SMOOTHING:
+            x_sum += tl.where(mask, x, 0.0)
+    m = tl.max(m_lane, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    lse = m + tl.log(tl.sum(s_lane * tl.exp(m_lane - m), axis=0))
+
+    x_ids, _ = _transform(tl.load(z_row + ids, mask=kmask, other=0.0).to(tl.float32), logit_scale, softcap,
+                          HAS_SOFTCAP)
+    tau_sum = tl.sum(tau, axis=0)
+    loss = (1.0 - eps) * (tau_sum * lse - tl.sum(tau * x_ids, axis=0)) + z_loss * lse * lse
+    if HAS_SMOOTHING:
+        loss += eps * (lse - tl.sum(x_sum, axis=0) / V)
+    tl.store(LOSS + row, tl.where(w != 0.0, w * loss, 0.0))
+    tl.store(LSE + row, lse)
+
+    if COMPUTE_GRAD:
+        # Pass 2: g = coef * [((1-eps) T + eps + 2 c lse) p - (1-eps) tau - eps/V], chained through the cap.
+        coef = w * tl.load(SCALE + row * stride_scale).to(tl.float32)
+        c_row = coef * ((1.0 - eps) * tau_sum + eps + 2.0 * z_loss * lse)
+        a = coef * (1.0 - eps) * tau
+        uniform = coef * eps / V
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            raw = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x, t = _transform(raw, logit_scale, softcap, HAS_SOFTCAP)
+            g = c_row * tl.exp(x - lse) - uniform
+            hit = (cols[:, None] == ids[None, :]) & kmask[None, :]
+            g -= tl.sum(tl.where(hit, a[None, :], 0.0), axis=1)
+            if HAS_SOFTCAP:
+                g *= 1.0 - t * t
+            g = tl.where(w != 0.0, g * logit_scale, 0.0)  # ignored rows stay exactly zero (even if NaN)
+            tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=mask)
+
+
+def _block_v(vocab: int) -> int:
+    return min(4096, triton.next_power_of_2(max(vocab, 16)))
+
+
+def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool):
+    """Same contract as torch_impl.ce_rows: (loss_rows, lse_rows) float32; z overwritten by the gradient."""
+    n, vocab = z.shape
+    assert z.stride(1) == 1, "logits chunk must be row-major (GEMM output)"
+    acc = torch.promote_types(z.dtype, torch.float32)
+    loss = torch.empty(n, dtype=acc, device=z.device)
+    lse = torch.empty(n, dtype=acc, device=z.device)
+    if n == 0:
+        return loss, lse
+    ids = rows.ids.contiguous()
+    probs = rows.probs.contiguous()
+    weight = rows.weight.contiguous().float()
+    scale = rows.scale.float() if rows.scale.dtype != torch.float32 else rows.scale
+    n_k = ids.shape[1]
+    _ce_rows_kernel[(n,)](
+        z, z.stride(0), ids, probs, weight, scale, scale.stride(0), loss, lse,
+        vocab, n_k, spec.logit_scale, spec.softcap if spec.softcap is not None else 1.0,
+        spec.label_smoothing, spec.z_loss,
+        HAS_SOFTCAP=spec.softcap is not None, HAS_SMOOTHING=spec.label_smoothing != 0.0,
+        COMPUTE_GRAD=compute_grad, K_POW2=triton.next_power_of_2(n_k), BLOCK_V=_block_v(vocab),
+        num_warps=8,
+    )
+    return loss, lse
