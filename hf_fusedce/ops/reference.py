@@ -31,14 +31,20 @@ def reference_linear_cross_entropy(
     logit_scale: float = 1.0,
     token_weights: torch.Tensor | None = None,
     target_probs: torch.Tensor | None = None,
+    logits_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Differentiable, materialized; computes in the dtype it is given (pass float64 for an oracle)."""
+    """Differentiable, materialized; computes in the dtype it is given (pass float64 for an oracle).
+
+    logits_dtype: upcast the logits after the GEMM, as transformers does (bf16 GEMM, float32 softmax).
+    """
     soft = target_probs is not None
     lead = targets.shape[:-1] if soft else targets.shape
     d = hidden.shape[-1]
     raw = hidden.reshape(-1, d) @ weight.t()
     if bias is not None:
         raw = raw + bias
+    if logits_dtype is not None:
+        raw = raw.to(logits_dtype)
     z = transform_logits(raw, logit_scale, softcap)
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
