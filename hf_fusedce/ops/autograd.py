@@ -51,12 +51,12 @@ def chunked_pass(h, w, b, rows: RowInputs, active_rows, plan: Plan, need: tuple[
     dh = dw = db = None
     if need_dh:
         dh = (torch.zeros_like if active_rows is not None else torch.empty_like)(h)
-    if need_dw:
-        dw = torch.zeros(w.shape, dtype=acc_dtype, device=w.device)
     if need_db:
         db = torch.zeros(vocab, dtype=acc_dtype, device=w.device)
     n_active = n_total if active_rows is None else active_rows.numel()
     step = rows_per_chunk(n_active, vocab, plan.bytes_per_logit(plan.spec, plan.compute_dtype), plan.budget_bytes)
+    if need_dw:
+        dw = torch.zeros(w.shape, dtype=_dw_dtype(w, acc_dtype, -(-n_active // step)), device=w.device)
     for start in range(0, n_active, step):
         sel = slice(start, min(start + step, n_active))
         if active_rows is not None:
@@ -66,7 +66,10 @@ def chunked_pass(h, w, b, rows: RowInputs, active_rows, plan: Plan, need: tuple[
         loss_c, _ = plan.ce_rows(z, rows.select(sel), plan.spec, compute_grad)
         _put_rows(loss, sel, loss_c)
         if need_dh:
-            _put_rows(dh, sel, z @ wc)
+            if isinstance(sel, slice) and dh.dtype == z.dtype:
+                torch.mm(z, wc, out=dh[sel])  # straight into the gradient, no temporary
+            else:
+                _put_rows(dh, sel, z @ wc)
         if need_dw:
             _accumulate_dw(dw, z, hc)
         if need_db:
@@ -81,11 +84,28 @@ def _put_rows(dst, sel, src):
         dst.index_copy_(0, sel, src.to(dst.dtype))
 
 
+# Low-precision weights with at most this many chunks accumulate dW in their own dtype: every chunk's GEMM
+# sums its tokens in fp32 and rounds once, so a few chunks round about as often as stock's single GEMM, and
+# no V x D fp32 buffer (2 GiB at V=128k, D=4096) is needed. More chunks: an fp32 accumulator.
+MAX_CHUNKS_NATIVE_DW = 4
+
+
+def _dw_dtype(w, acc_dtype, n_chunks):
+    if w.dtype in (torch.float16, torch.bfloat16) and n_chunks <= MAX_CHUNKS_NATIVE_DW:
+        return w.dtype
+    return acc_dtype
+
+
 def _accumulate_dw(dw, g, hc):
     if g.dtype == dw.dtype:
         dw.addmm_(g.t(), hc)
-    else:  # low-precision GEMM (fp32 accumulation inside), summed across chunks in fp32
+    elif dw.is_cuda and _HAS_MIXED_ADDMM:  # fp32 accumulator fed by a low-precision GEMM, no V x D temporary
+        torch.addmm(dw, g.t(), hc, out_dtype=dw.dtype, out=dw)
+    else:  # no mixed-dtype GEMM here (CPU, older torch): low-precision GEMM, then fp32 sum
         dw += g.t() @ hc
+
+
+_HAS_MIXED_ADDMM = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 def _finish(grad, dtype):

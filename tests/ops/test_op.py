@@ -91,11 +91,12 @@ def test_float32_matches_float64_reference(backend, name):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["plain", "bias", "softcap_scale", "none", "everything"])
-def test_low_precision_no_worse_than_stock(backend, dtype, name):
+@pytest.mark.parametrize("budget", [SMALL_BUDGET, 1 << 30], ids=["fp32_dw_accumulator", "native_dw_one_chunk"])
+def test_low_precision_no_worse_than_stock(backend, dtype, name, budget):
     """Stock = what transformers does: GEMM in the low dtype, softmax/cross-entropy on float32 logits."""
     params, targets, kwargs, upstream = make_case(OPTION_SETS[name], dtype)
     ours = run(fused_linear_cross_entropy, params, targets, kwargs, upstream, backend=backend,
-               chunk_budget_bytes=SMALL_BUDGET)
+               chunk_budget_bytes=budget)
     stock = run(reference_linear_cross_entropy, params, targets, kwargs, upstream, logits_dtype=torch.float32)
     exact = oracle(params, targets, kwargs, upstream)
     for what, a, s, b in zip(["loss", "d_hidden", "d_weight", "d_bias"], ours, stock, exact):
