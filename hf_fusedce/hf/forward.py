@@ -1,0 +1,248 @@
+"""The ONE generic causal-LM forward used for every family.
+
+It runs the model's own (stock) forward with ``labels=None`` and a pre-hook on the output-embeddings module
+that captures the head's input and stops the forward right there, before any logits exist. The loss is then
+the fused op on that input and the head's weight, with the family's post-head quirks taken from
+``heads.HEADS``. Everything before the head (decoder, final norm, hidden scaling, ``logits_to_keep`` slicing,
+dtype casts) is the model's own code, so no family's forward is copied.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import typing
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from ..ops import fused_linear_cross_entropy
+from . import adapters, gather
+from .heads import HeadSpec, resolve
+
+COUNTERS = {"fused": 0, "stock": 0}  # lets tests and `check` tell which path ran
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """What `patch(...)` lets the user choose per model."""
+    backend: str = "auto"
+    chunk_budget_bytes: int | None = None
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    return_logits: bool = False
+
+
+class _Captured(Exception):
+    def __init__(self, hidden):
+        super().__init__("head input captured")
+        self.hidden = hidden
+
+
+def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args, kwargs):
+    """`original` is the bound stock forward; args/kwargs are what the caller passed."""
+    call = _bind(original, args, kwargs)
+    skip_logits = call.pop("skip_logits", None)  # Trainer / Liger convention: accepted, never forwarded
+    if not _should_fuse(model, call, skip_logits):
+        COUNTERS["stock"] += 1
+        return original(**call)
+    COUNTERS["fused"] += 1
+    head = model.get_output_embeddings()
+    hidden, base_out = _capture(model, head, original, {**call, "labels": None} if "labels" in call else call)
+    loss, logits = _head_loss(model, spec, options, head, hidden, call)
+    aux = _router_aux(model, spec, call, base_out)
+    if aux is not None:
+        loss = loss + resolve(model, "router_aux_loss_coef") * aux.to(loss.device)
+    out = _output(original, base_out, loss, logits, aux)
+    return_dict = call.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def _bind(original, args, kwargs) -> dict:
+    """Caller's arguments as one keyword dict (positional ones named by the stock signature)."""
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(original)
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    extra = bound.pop(var_kw, {}) if var_kw else {}
+    return {**bound, **extra}
+
+
+def _should_fuse(model, call, skip_logits) -> bool:
+    if call.get("labels") is None and call.get("shift_labels") is None:
+        return False  # generation, embeddings, eval without labels: stock
+    if skip_logits is not None:
+        return bool(skip_logits)
+    if not torch.is_grad_enabled():
+        return False  # eval with labels: metrics need the logits, stock path
+    reason = adapters.unsupported_reason(model.get_output_embeddings())
+    if reason:
+        warnings.warn(f"hf_fusedce: {reason}; using the stock (materialized logits) loss", stacklevel=4)
+        return False
+    return True
+
+
+def _scan_targets(model, head):
+    """Modules whose ModelOutput we keep (past_key_values, hidden_states, router_logits...): children and
+    grandchildren, which covers `self.model(...)` and `self.model.decoder(...)` style calls."""
+    for child in model.children():
+        if child is not head:
+            yield child
+            yield from (g for g in child.children() if g is not head)
+
+
+def _capture(model, head, original, call):
+    outs = []
+
+    def pre_hook(module, args, kwargs):
+        raise _Captured(args[0] if args else next(iter(kwargs.values())))
+
+    def keep(module, args, output):
+        if isinstance(output, ModelOutput):
+            outs.append(output)
+
+    hooks = [head.register_forward_pre_hook(pre_hook, prepend=True, with_kwargs=True)]
+    hooks += [m.register_forward_hook(keep) for m in _scan_targets(model, head)]
+    try:
+        original(**call)
+    except _Captured as captured:
+        return captured.hidden, (outs[-1] if outs else None)
+    finally:
+        for h in hooks:
+            h.remove()
+    raise RuntimeError(f"hf_fusedce: {type(model).__name__}.forward never called its output embeddings "
+                       f"module; it cannot be fused (unpatch it)")
+
+
+def _targets(model, spec, call, hidden):
+    labels, shift_labels = call.get("labels"), call.get("shift_labels")
+    ignore_index = call.get("ignore_index", -100) if spec.shift else -100
+    if not spec.shift:
+        targets = labels
+    elif shift_labels is not None:
+        targets = shift_labels
+    else:  # exactly ForCausalLMLoss: pad one ignored position, then shift left
+        targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    keep = call.get("logits_to_keep", 0)
+    if not (isinstance(keep, int) and keep == 0):
+        targets = _slice_like_hidden(targets, keep)
+    targets = targets.to(hidden.device)
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(targets.shape)} (after shift / logits_to_keep) does not match "
+                         f"the head's input positions {tuple(hidden.shape[:-1])}")
+    return targets, ignore_index
+
+
+def _slice_like_hidden(targets, keep):
+    """The same positions `slice_logits_to_keep` keeps of the hidden states."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:  # older 5.x slice inline: int only
+        slice_logits_to_keep = lambda h, k: h[:, -k:, :]  # noqa: E731
+    return slice_logits_to_keep(targets.unsqueeze(-1), keep).squeeze(-1)
+
+
+def _head_loss(model, spec, options, head, hidden, call):
+    targets, ignore_index = _targets(model, spec, call, hidden)
+    num_items = call.get("num_items_in_batch") if spec.shift else None
+    softcap = resolve(model, spec.softcap) if spec.softcap else None
+    scale = 1.0
+    if spec.logit_mul:
+        scale *= float(resolve(model, spec.logit_mul))
+    if spec.logit_div:
+        scale /= float(resolve(model, spec.logit_div))
+    vocab = int(resolve(model, spec.vocab_slice)) if spec.vocab_slice else None
+    z_coef = float(resolve(model, spec.z_loss) or 0.0) if spec.z_loss else 0.0
+
+    def run(inner, h):
+        h2, weight, bias = adapters.linear_parts(inner, h)
+        weight, bias = gather.full_tensor(weight), gather.full_tensor(bias)
+        gather.check_materialized(weight)
+        if vocab is not None:
+            weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+        common = dict(bias=bias, softcap=softcap, logit_scale=scale, backend=options.backend,
+                      chunk_budget_bytes=options.chunk_budget_bytes, label_smoothing=options.label_smoothing)
+        if z_coef > 0:
+            loss = _bamba_loss(h2, weight, targets, ignore_index, num_items, z_coef, common)
+        else:
+            loss = fused_linear_cross_entropy(h2, weight, targets, ignore_index=ignore_index,
+                                              num_items_in_batch=num_items, z_loss=options.z_loss, **common)
+        logits = _detached_logits(h2, weight, bias, softcap, scale) if options.return_logits else None
+        return loss, logits
+
+    return gather.call_through(head, run, hidden)
+
+
+def _bamba_loss(h, weight, targets, ignore_index, num_items, coef, common):
+    """CE (mean over valid, or sum / num_items) + coef * mean over ALL positions of lse^2, in one fused pass:
+    soft targets with one id per row and probability 1/denominator (0 for ignored rows), every row active,
+    z_loss = coef / rows, reduction sum. Row loss = p*(lse - z_t) + coef/rows * lse^2."""
+    valid = targets != ignore_index
+    denom = (torch.as_tensor(num_items, dtype=torch.float32, device=h.device) if num_items is not None
+             else valid.sum().float()).clamp(min=1)
+    ids = torch.where(valid, targets, 0).unsqueeze(-1)
+    probs = (valid.float() / denom).unsqueeze(-1)
+    rows = targets.numel()
+    return fused_linear_cross_entropy(h, weight, ids, target_probs=probs, reduction="sum",
+                                      z_loss=coef / rows, ignore_index=ignore_index, **common)
+
+
+@torch.no_grad()
+def _detached_logits(h, weight, bias, softcap, scale):
+    """Logits for callers that asked for them in training (return_logits=True): detached, float32."""
+    z = F.linear(h, weight, bias).float() * scale
+    return softcap * torch.tanh(z / softcap) if softcap else z
+
+
+def _router_aux(model, spec, call, base_out):
+    if not spec.router_aux or base_out is None:
+        return None
+    wanted = call.get("output_router_logits")
+    if wanted is None:
+        wanted = getattr(model.config, "output_router_logits", False)
+    router_logits = getattr(base_out, "router_logits", None)
+    if not wanted or router_logits is None:
+        return None
+    func = _module_attr(model, "load_balancing_loss_func")
+    return func(router_logits, model.num_experts, model.num_experts_per_tok, call.get("attention_mask"))
+
+
+def _module_attr(model, name):
+    """`name` from the modeling module of the model's (first transformers) class: FSDP2 subclasses the class."""
+    for cls in type(model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is not None and hasattr(module, name) and cls.__module__.startswith("transformers."):
+            return getattr(module, name)
+    raise RuntimeError(f"no {name} found for {type(model).__name__}")
+
+
+def _output_class(original):
+    try:
+        ret = typing.get_type_hints(original).get("return")
+    except Exception:  # unresolvable annotations: the common causal-LM output
+        ret = None
+    if isinstance(ret, type) and issubclass(ret, ModelOutput):
+        return ret
+    for arg in typing.get_args(ret):  # `X | tuple`
+        if isinstance(arg, type) and issubclass(arg, ModelOutput):
+            return arg
+    return CausalLMOutputWithPast
+
+
+def _output(original, base_out, loss, logits, aux):
+    cls = _output_class(original)
+    ours = {"loss": loss, "logits": logits, "aux_loss": aux}
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in ours:
+            values[f.name] = ours[f.name]
+        elif base_out is not None and getattr(base_out, f.name, None) is not None:
+            values[f.name] = getattr(base_out, f.name)
+    return cls(**values)

@@ -1,0 +1,119 @@
+"""Declarative table of causal-LM head quirks, one entry per model type of transformers' causal-LM mapping.
+
+The patched forward captures the hidden states exactly where the stock forward calls the output-embedding
+module (so anything a model does *before* its head, e.g. MiniCPM3 dividing the hidden states, is already in
+them) and then has to reproduce what the stock forward does *after* it. That is what an entry declares:
+
+- ``softcap``: config path of a tanh soft cap, z = cap * tanh(z / cap)       (Gemma 2/3/4, RecurrentGemma...)
+- ``logit_mul`` / ``logit_div``: path of a factor the logits are multiplied / divided by  (Cohere, Granite...)
+- ``vocab_slice``: config path of the vocabulary size the logits are cut to  (padded vocabularies)
+- ``z_loss``: path of Bamba's coefficient c adding c * mean over all positions of logsumexp(z)^2
+- ``router_aux``: MoE router load-balancing loss added as ``router_aux_loss_coef * aux`` (Mixtral family,
+  when ``output_router_logits``); computed by the model module's own ``load_balancing_loss_func``
+- ``shift=False``: the model's loss is ``CrossEntropyLoss`` on *unshifted* labels (BART-style decoders), so
+  ``num_items_in_batch`` is ignored as stock does
+- ``pre_head``: documentation of what the model applies before its head (already inside the captured hidden)
+
+Paths are resolved on the model: ``config.x`` (``text_config.x`` = ``config.get_text_config().x``) or a model
+attribute chain. Every entry is proven against the stock forward by ``hf_fusedce.hf.proof``; model types not in
+``HEADS`` are refused (``REFUSED`` says why for the known-incompatible ones).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    softcap: str | None = None
+    logit_mul: str | None = None
+    logit_div: str | None = None
+    vocab_slice: str | None = None
+    z_loss: str | None = None
+    router_aux: bool = False
+    shift: bool = True
+    pre_head: str | None = None
+
+    def quirks(self) -> dict:
+        """Non-default fields, for cards and error messages."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+PLAIN = HeadSpec()
+_SOFTCAP = HeadSpec(softcap="text_config.final_logit_softcapping")
+_AUX = HeadSpec(router_aux=True)
+_UNSHIFTED = HeadSpec(shift=False)
+
+# Families whose forward is `logits = head(hidden)` followed by the stock ForCausalLMLoss.
+_PLAIN_TYPES = """
+afmoe apertus arcee aria_text axk1 axk2 bailing_hybrid bert bert-generation big_bird biogpt bitnet bloom blt
+camembert codegen ctrl cwm data2vec-text deepseek_v2 deepseek_v3 deepseek_v32 diffllama dots1 dots3_note
+dots3_note_text electra emu3 ernie ernie4_5 exaone4 exaone_moe falcon falcon_mamba fuyu gemma gemma3 glm glm4
+glm4_moe glm4_moe_lite glm_moe_dsa got_ocr2 gpt-sw3 gpt2 gpt_bigcode gpt_neo gpt_neox gpt_neox_japanese gptj
+helium hrm_text hunyuan_v1_dense hunyuan_v1_moe hy_v3 hy_v4 internlm3 iquestcoder jais2 kimi_linear kolibri1
+lfm2 lfm2_moe lfm3 llama llama4 llama4_text longcat_flash mamba mamba2 megatron-bert mimo_v2_flash ministral
+ministral3 mistral mllama modernbert-decoder moshi moss_transcribe_diarize mpt nemotron nemotron_h olmo olmo2
+olmo3 olmo_hybrid openai-gpt opt persimmon phi phi3 phi4_multimodal qwen2 qwen3 qwen3_5 qwen3_5_text reformer
+rembert roberta roberta-prelayernorm roc_bert roformer rwkv seed_oss smollm3 solar_open stablelm starcoder2
+xglm xlm-roberta xlm-roberta-xl xmod youtu zamba zamba2 zaya
+""".split()
+
+_SOFTCAP_TYPES = """beam gemma2 gemma3_text gemma3n gemma3n_text gemma4 gemma4_text gemma4_unified
+gemma4_unified_text nanochat vaultgemma""".split()
+
+_AUX_TYPES = """dbrx deepseek_v4 ernie4_5_moe flex_olmo flint gpt_oss jamba jetmoe laguna mellum minimax
+minimax_m2 minimax_m3_vl_text mixtral olmoe phimoe qwen2_moe qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next
+qwen4_exp qwen4_exp_text""".split()
+
+_UNSHIFTED_TYPES = """bart bigbird_pegasus blenderbot blenderbot-small cpmant marian mbart mvp pegasus plbart
+trocr whisper""".split()
+
+HEADS: dict[str, HeadSpec] = {
+    **{t: PLAIN for t in _PLAIN_TYPES},
+    **{t: _SOFTCAP for t in _SOFTCAP_TYPES},
+    **{t: _AUX for t in _AUX_TYPES},
+    **{t: _UNSHIFTED for t in _UNSHIFTED_TYPES},
+    "recurrent_gemma": HeadSpec(softcap="config.logits_soft_cap"),
+    "cohere": HeadSpec(logit_mul="logit_scale"),
+    "cohere2": HeadSpec(logit_mul="logit_scale"),
+    "cohere2_moe": HeadSpec(logit_mul="logit_scale"),
+    "cohere_compass_text": HeadSpec(logit_mul="logit_scale"),
+    "hyperclovax": HeadSpec(logit_mul="config.logits_scaling"),
+    "falcon_h1": HeadSpec(logit_mul="model.lm_head_multiplier"),
+    "granite": HeadSpec(logit_div="config.logits_scaling"),
+    "granite_swa": HeadSpec(logit_div="config.logits_scaling"),
+    "granitemoe": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
+    "granitemoe_swa": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
+    "granitemoehybrid": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
+    "granitemoeshared": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
+    "minicpm3": HeadSpec(pre_head="hidden / config.logits_scaling"),
+    "bamba": HeadSpec(z_loss="z_loss_coefficient"),
+}
+
+# Families whose loss head the table cannot express exactly: patching them is refused.
+REFUSED: dict[str, str] = {
+    "doge": "router aux loss called with an extra top-k argument (floor(sqrt(num_experts)))",
+    "git": "loss skips image-token positions (num_image_tokens) before shifting",
+    "musicgen": "several codebook heads stacked, loss averaged over codebooks",
+    "musicgen_melody": "several codebook heads stacked, loss averaged over codebooks",
+    "prophetnet": "n-gram prediction streams with its own smoothed loss",
+    "xlm": "adaptive-softmax / prediction-layer loss inside the head module",
+    "xlnet": "permutation-LM loss on unshifted labels with its own target mapping",
+    "gemma4_assistant": "masked embedding head (`masked_embedding`) and no loss",
+    "gemma4_unified_assistant": "masked embedding head (`masked_embedding`) and no loss",
+    "inkling2_text": "learned logit soft-cap module and vocab slice",
+    "inkling_text": "not importable in this transformers build",
+    "xlstm": "soft cap applied in chunks with a training-dependent path",
+}
+
+
+def resolve(model, path: str):
+    """Value of a table path on a model instance (see module doc)."""
+    head, *rest = path.split(".")
+    obj = model.config.get_text_config() if head == "text_config" else getattr(model, head)
+    return functools.reduce(getattr, rest, obj)
+
+
+def spec_for(model_type: str) -> HeadSpec | None:
+    return HEADS.get(model_type)

@@ -1,0 +1,177 @@
+"""Public API: `patch`, `unpatch`, `patched`, `is_patched`, `supported_model_types`.
+
+`patch(model)` replaces the forward of one instance (a PeftModel's base model is reached); `patch()` with no
+model patches causal-LM classes: those already imported at once, the rest when their first instance is built
+(a hook on `PreTrainedModel.post_init`), so importing ~190 modeling modules is not paid up front. Each patched
+forward is `functools.wraps` of the stock one, so `inspect.signature` (used by `generate` and Trainer) still
+sees `logits_to_keep` and `**kwargs`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import warnings
+
+from .forward import FusedOptions, generic_forward
+from .heads import HEADS, PLAIN, REFUSED, HeadSpec
+
+_ATTR = "_hf_fusedce"  # instance attribute: (had_own_forward, saved_forward)
+_CLASS_PATCHES: dict[type, object] = {}  # class -> its own stock `forward` function
+_GLOBAL: dict = {}  # while patch() is active: {"options":..., "post_init": stock post_init}
+
+
+def supported_model_types() -> list[str]:
+    """Model types whose head the table describes (proven by hf_fusedce.hf.proof)."""
+    return sorted(HEADS)
+
+
+def _target(model):
+    """The transformers model inside a peft.PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def _spec(model, force: bool) -> HeadSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"hf_fusedce: {type(model).__name__} has no output embeddings: not a causal LM head")
+    spec = HEADS.get(model_type)
+    if spec is not None:
+        return spec
+    why = REFUSED.get(model_type, "its head is not in hf_fusedce's quirk table (unproven)")
+    if not force:
+        raise ValueError(f"hf_fusedce: refusing to patch model_type {model_type!r}: {why}. Its training loss could "
+                         "differ from stock. Pass force=True to treat it as a plain `lm_head` + "
+                         "ForCausalLMLoss model, and check it with `hf-fusedce check --model-type`.")
+    warnings.warn(f"hf_fusedce: model_type {model_type!r} forced as a plain head ({why})", stacklevel=3)
+    return PLAIN
+
+
+def _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits) -> FusedOptions:
+    return FusedOptions(backend, chunk_budget_bytes, float(z_loss), float(label_smoothing), bool(return_logits))
+
+
+def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None = None, z_loss: float = 0.0,
+          label_smoothing: float = 0.0, return_logits: bool = False, force: bool = False):
+    """Make `model`'s training loss use the fused op (returns `model`); no model: every causal-LM class.
+
+    backend / chunk_budget_bytes / z_loss / label_smoothing are passed to `fused_linear_cross_entropy`
+    (z_loss and label_smoothing change the loss from stock: off by default). return_logits: also return
+    (detached) logits in training. force: patch a model type the quirk table does not know, as a plain head.
+    """
+    options = _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits)
+    if model is None:
+        _patch_classes(options)
+        return None
+    target = _target(model)
+    spec = _spec(target, force)
+    if _ATTR in target.__dict__:  # patching twice == once: only the options are refreshed
+        had_own, saved = target.__dict__[_ATTR]
+        _install(target, saved if had_own else type(target).forward.__get__(target), spec, options)
+        return model
+    had_own = "forward" in target.__dict__
+    original = target.__dict__["forward"] if had_own else target.forward
+    target.__dict__[_ATTR] = (had_own, original)
+    _install(target, original, spec, options)
+    return model
+
+
+def _install(target, original, spec, options):
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return generic_forward(target, original, spec, options, args, kwargs)
+
+    forward.__hf_fusedce__ = True
+    target.forward = forward
+
+
+def unpatch(model=None):
+    """Restore exactly the forward that was there before `patch(model)` (no model: undo `patch()`)."""
+    if model is None:
+        _unpatch_classes()
+        return None
+    target = _target(model)
+    state = target.__dict__.pop(_ATTR, None)
+    if state is not None:
+        had_own, saved = state
+        if had_own:
+            target.forward = saved
+        else:
+            target.__dict__.pop("forward", None)
+    return model
+
+
+def is_patched(model) -> bool:
+    target = _target(model)
+    return _ATTR in target.__dict__ or any(cls in _CLASS_PATCHES for cls in type(target).__mro__)
+
+
+@contextlib.contextmanager
+def patched(model, **options):
+    """`with patched(model): ...` patches for the block only (a model already patched stays patched)."""
+    was = _ATTR in _target(model).__dict__
+    patch(model, **options)
+    try:
+        yield model
+    finally:
+        if not was:
+            unpatch(model)
+
+
+# ---- class-level patching: patch() with no model ------------------------------------------------------------
+
+def _causal_lm_classes():
+    """(model_type, class name) from transformers' causal-LM auto mapping: discovery by mapping, not by name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
+
+
+def _patch_class(cls, options):
+    cls = next((c for c in cls.__mro__ if "forward" in c.__dict__), cls)  # the class defining forward
+    if cls in _CLASS_PATCHES:
+        return
+    stock = cls.__dict__["forward"]
+
+    @functools.wraps(stock)
+    def forward(self, *args, **kwargs):
+        spec = HEADS.get(getattr(self.config, "model_type", None))
+        bound = stock.__get__(self)
+        if spec is None or _ATTR in self.__dict__:
+            return bound(*args, **kwargs)
+        return generic_forward(self, bound, spec, _GLOBAL["options"], args, kwargs)
+
+    _CLASS_PATCHES[cls] = stock
+    cls.forward = forward
+
+
+def _patch_classes(options):
+    from transformers import PreTrainedModel
+    _GLOBAL["options"] = options
+    names = {cls_name for model_type, cls_name in _causal_lm_classes() if model_type in HEADS}
+    for module in list(sys.modules.values()):  # classes already imported: patch now
+        if getattr(module, "__name__", "").startswith("transformers.models."):
+            for name in names & set(vars(module)):
+                _patch_class(vars(module)[name], options)
+    if "post_init" not in _GLOBAL:  # the rest: when their first instance is built
+        stock_post_init = PreTrainedModel.post_init
+        _GLOBAL["post_init"] = stock_post_init
+
+        @functools.wraps(stock_post_init)
+        def post_init(self, *args, **kwargs):
+            result = stock_post_init(self, *args, **kwargs)
+            if type(self).__name__ in names and HEADS.get(getattr(self.config, "model_type", None)):
+                _patch_class(type(self), _GLOBAL["options"])
+            return result
+
+        PreTrainedModel.post_init = post_init
+
+
+def _unpatch_classes():
+    from transformers import PreTrainedModel
+    for cls, stock in _CLASS_PATCHES.items():
+        cls.forward = stock
+    _CLASS_PATCHES.clear()
+    if "post_init" in _GLOBAL:
+        PreTrainedModel.post_init = _GLOBAL.pop("post_init")
+    _GLOBAL.pop("options", None)
