@@ -74,6 +74,7 @@ def chunked_pass(h, w, b, rows: RowInputs, active_rows, plan: Plan, need: tuple[
             _accumulate_dw(dw, z, hc)
         if need_db:
             db += z.sum(0, dtype=acc_dtype)
+        del z  # free this chunk before the next one is allocated: one chunk alive at a time
     return loss, Grads(dh, dw, db)
 
 
