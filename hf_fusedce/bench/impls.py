@@ -1,0 +1,203 @@
+"""One entry per implementation of the loss head that the bench times.
+
+Every implementation is a forward `fn(hidden, weight, targets) -> scalar loss` (mean over tokens) whose
+backward autograd runs; the runner calls it under the dtype mode's autocast and then `loss.backward()`,
+so all are timed and measured the same way. `resolve(device)` returns the forward or a reason it is
+skipped ("skipped: not installed", ...), so a missing peer is a record, not a crash.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Impl:
+    name: str
+    kind: str  # "ours" | "stock" | "peer" | "floor"
+    strategy: str  # free text recorded with each measurement
+    exact: bool  # exact gradients (as opposed to skipping small ones)
+    _resolve: Callable[[torch.device], "Forward | str"] = field(repr=False)
+    default: bool = True  # part of the default matrix
+
+    def resolve(self, device: torch.device) -> "Forward | str":
+        """The forward, or a string "skipped: reason"."""
+        try:
+            out = self._resolve(device)
+        except ImportError as err:
+            return f"skipped: not installed ({err})"
+        return out
+
+
+def _needs_cuda(device, what):
+    if device.type != "cuda":
+        return f"skipped: {what} runs on CUDA only"
+    return None
+
+
+# ---------------------------------------------------------------- ours
+def _ours(backend: str):
+    def resolve(device):
+        from hf_fusedce.ops import fused_linear_cross_entropy
+        from hf_fusedce.ops.api import triton_available
+
+        if backend == "triton":
+            if not triton_available(device):
+                return "skipped: triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU, far too slow to time)"
+            try:
+                importlib.import_module("hf_fusedce.ops.triton_impl")
+            except Exception as err:  # the backend is being written; record why it is absent
+                return f"skipped: hf_fusedce.ops.triton_impl unavailable ({type(err).__name__}: {err})"
+
+        def fwd(h, w, y):
+            return fused_linear_cross_entropy(h, w, y, backend=backend)
+
+        return fwd
+
+    return resolve
+
+
+def _ours_strategy(backend: str) -> str:
+    from hf_fusedce.ops.chunking import DEFAULT_BUDGET_BYTES, ENV_BUDGET_MB
+
+    env = os.environ.get(ENV_BUDGET_MB)
+    budget = f"{env} MiB (env)" if env else "default (" + ", ".join(
+        f"{k} {v >> 20} MiB" for k, v in DEFAULT_BUDGET_BYTES.items()) + ")"
+    return f"chunked, grads in forward, backend={backend}, chunk budget {budget}"
+
+
+# ---------------------------------------------------------------- stock (what transformers does)
+def _stock(device):
+    def fwd(h, w, y):
+        logits = F.linear(h, w)  # bf16 under autocast, like lm_head
+        logits = logits.float()  # ForCausalLMLoss upcasts the logits
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="mean")
+
+    return fwd
+
+
+# ---------------------------------------------------------------- torch.nn.functional.linear_cross_entropy
+def _torch_lce(device):
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"skipped: not in this torch ({torch.__version__}; needs >= 2.13)"
+    options_cls = torch.nn.LinearCrossEntropyOptions
+
+    def fwd(h, w, y):
+        return F.linear_cross_entropy(h, w, y, reduction="mean", ignore_index=-100, options=options_cls())
+
+    return fwd
+
+
+# ---------------------------------------------------------------- Liger-Kernel
+def _liger(accum_fp32: bool):
+    def resolve(device):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        skip = _needs_cuda(device, "Liger-Kernel (Triton GPU kernels)")
+        if skip:
+            return skip
+        kwargs = {"accum_dtype": torch.float32} if accum_fp32 else {}
+
+        def fwd(h, w, y):
+            return liger_fused_linear_cross_entropy(h, w, y, ignore_index=-100, reduction="mean", **kwargs)
+
+        return fwd
+
+    return resolve
+
+
+# ---------------------------------------------------------------- Apple cut-cross-entropy
+def _cce(exact: bool):
+    def resolve(device):
+        from cut_cross_entropy import linear_cross_entropy
+
+        skip = _needs_cuda(device, "cut-cross-entropy (Triton GPU kernels)")
+        if skip:
+            return skip
+        try:  # newer releases name presets; 25.1.x exposes filter_eps (None = no gradient filtering)
+            importlib.import_module("cut_cross_entropy.cce_utils")
+            kwargs = {"impl": "cce_exact"} if exact else {"impl": "cce"}
+        except ImportError:
+            kwargs = {"filter_eps": None} if exact else {}
+
+        def fwd(h, w, y):
+            if torch.is_autocast_enabled(h.device.type):  # CCE's kernels take the dtype they are given
+                dt = torch.get_autocast_dtype(h.device.type)
+                h, w = h.to(dt), w.to(dt)
+            return linear_cross_entropy(h, w, y, ignore_index=-100, reduction="mean", **kwargs)
+
+        return fwd
+
+    return resolve
+
+
+# ---------------------------------------------------------------- the floor: three GEMMs, nothing else
+class _ThreeGemms(torch.autograd.Function):
+    """z = h W^T (forward); dh = z W and dW = z^T h (backward), with z standing in for dL/dz.
+
+    The same three GEMMs every exact fused head must do (6*N*D*V FLOPs), no softmax, no chunking.
+    The "loss" is a zero scalar so no reduction over z is timed."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
+        hc, wc = h.to(dt), w.to(dt)
+        z = hc @ wc.t()
+        ctx.save_for_backward(hc, wc, z)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return torch.zeros((), device=h.device, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hc, wc, z = ctx.saved_tensors
+        dh = z @ wc
+        dw = z.t() @ hc
+        return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1])
+
+
+def _floor(device):
+    def fwd(h, w, y):
+        return _ThreeGemms.apply(h, w)
+
+    return fwd
+
+
+def _registry() -> dict[str, Impl]:
+    impls = [
+        Impl("ours-torch", "ours", _ours_strategy("torch"), True, _ours("torch")),
+        Impl("ours-triton", "ours", _ours_strategy("triton"), True, _ours("triton")),
+        Impl("stock", "stock", "logits materialized, .float(), F.cross_entropy (transformers ForCausalLMLoss)",
+             True, _stock),
+        Impl("torch-lce", "peer", "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",
+             True, _torch_lce),
+        Impl("liger", "peer", "Liger-Kernel fused linear cross-entropy, default (dW accumulated in input dtype)",
+             True, _liger(False)),
+        Impl("liger-fp32acc", "peer", "Liger-Kernel fused linear cross-entropy, accum_dtype=float32",
+             True, _liger(True)),
+        Impl("cce", "peer", "Apple cut-cross-entropy, default (gradient filtering: approximate)", False, _cce(False)),
+        Impl("cce-exact", "peer", "Apple cut-cross-entropy, no gradient filtering (exact)", True, _cce(True)),
+        Impl("floor", "floor", "the three GEMMs alone: z=hW^T, dh=zW, dW=z^T h (timing floor; no loss)",
+             True, _floor),
+    ]
+    return {i.name: i for i in impls}
+
+
+IMPLS = _registry()
+
+
+def parse_impls(text: str | None) -> list[Impl]:
+    if not text:
+        return [i for i in IMPLS.values() if i.default]
+    out = []
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        if name not in IMPLS:
+            raise ValueError(f"unknown impl {name!r}; choose from {', '.join(IMPLS)}")
+        out.append(IMPLS[name])
+    return out

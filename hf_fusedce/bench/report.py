@@ -1,0 +1,199 @@
+"""Writing what the bench measured: results.json (every record), results.md (tables), results.png (plot)."""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+SCHEMA = "hf_fusedce.bench/1"
+JSON_NAME, MD_NAME, PNG_NAME = "results.json", "results.md", "results.png"
+_MiB = 2**20
+
+
+class ResultSink:
+    """Collects records and rewrites results.json after each one, so an interrupted run keeps its numbers."""
+
+    def __init__(self, out_dir: str, command: list[str], environment: dict):
+        self.out_dir = out_dir
+        os.makedirs(out_dir, exist_ok=True)
+        self.doc = {"schema": SCHEMA, "command": command, "environment": environment, "records": []}
+
+    def __call__(self, record: dict):
+        self.doc["records"].append(record)
+        self.write_json()
+
+    @property
+    def records(self) -> list[dict]:
+        return self.doc["records"]
+
+    def write_json(self):
+        annotate(self.records)
+        path = os.path.join(self.out_dir, JSON_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.doc, f, indent=1)
+        os.replace(tmp, path)
+
+    def finish(self) -> list[str]:
+        self.write_json()
+        return [os.path.join(self.out_dir, JSON_NAME), write_markdown(self.doc, self.out_dir),
+                write_plot(self.doc, self.out_dir)]
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def annotate(records: list[dict]):
+    """Adds x_floor (time / floor time at the same dtype, shape, N) and TFLOP/s counted as 6*N*D*V."""
+    floors = {(r["dtype"], r["shape"], r["N"]): r["fwd_bwd_ms"] for r in records
+              if r.get("record") == "op" and r.get("impl") == "floor" and r.get("status") == "ok"}
+    for r in records:
+        if r.get("record") != "op" or r.get("status") != "ok":
+            continue
+        r["tflops_6ndv"] = 6.0 * r["N"] * r["D"] * r["V"] / (r["fwd_bwd_ms"] * 1e-3) / 1e12
+        f = floors.get((r["dtype"], r["shape"], r["N"]))
+        r["x_floor"] = r["fwd_bwd_ms"] / f if f else None
+
+
+def _mib(x):
+    return "" if x is None else f"{x / _MiB:,.1f}"
+
+
+def _err(x):
+    return "" if x is None else f"{x:.1e}"
+
+
+def _num(x, fmt):
+    return "" if x is None else format(x, fmt)
+
+
+def write_markdown(doc: dict, out_dir: str) -> str:
+    env = doc.get("environment", {})
+    recs = doc["records"]
+    lines = [
+        "# hf-fusedce bench",
+        "",
+        f"- device: {env.get('device')}  ",
+        f"- date: {env.get('date')}  ",
+        f"- torch {env.get('torch')}, cuda {env.get('cuda')}, triton {env.get('triton')}, "
+        f"transformers {env.get('transformers')}, liger-kernel {env.get('liger_kernel')}, "
+        f"cut-cross-entropy {env.get('cut_cross_entropy')}  ",
+        f"- command: `{' '.join(doc.get('command', []))}`",
+        "",
+        "Time: forward+backward, median of the repeats (CUDA events on GPU, perf_counter on CPU). "
+        "x floor: time over the three bare GEMMs' time at the same shape. TFLOP/s counts 6*N*D*V. "
+        "Memory: peak allocated above the inputs (hidden, weight, targets); 'above grads' subtracts the "
+        "hidden and weight gradients every implementation returns. Errors: max|x - ref| / max|ref| against a "
+        "float64 chunked reference on the same inputs (blank where not computed).",
+        "",
+    ]
+    groups = defaultdict(list)
+    for r in recs:
+        if r.get("record") == "op":
+            groups[(r["dtype"], r["shape"], r["D"], r["V"])].append(r)
+    for (dtype, shape, d, v), rs in groups.items():
+        lines += [f"## {shape} (D={d}, V={v}), {dtype}", "",
+                  "| N | impl | fwd+bwd ms | x floor | TFLOP/s | peak above inputs MiB | above inputs+grads MiB "
+                  "| loss err | dh err | dW err | status |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        skipped = {}
+        for r in rs:
+            if str(r.get("status", "")).startswith("skipped"):
+                skipped.setdefault(r["impl"], r["status"])
+                continue
+            lines.append(
+                f"| {r['N']} | {r['impl']} | {_num(r.get('fwd_bwd_ms'), '.2f')} | {_num(r.get('x_floor'), '.2f')} "
+                f"| {_num(r.get('tflops_6ndv'), '.1f')} | {_mib(r.get('peak_mem_bytes'))} "
+                f"| {_mib(r.get('peak_above_grads_bytes'))} | {_err(r.get('loss_rel_err'))} "
+                f"| {_err(r.get('dh_rel_err'))} | {_err(r.get('dw_rel_err'))} | {r.get('status')} |")
+        lines.append("")
+        if skipped:
+            lines += ["Not measured: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()), ""]
+    e2e = [r for r in recs if r.get("record") == "e2e"]
+    if e2e:
+        lines += ["## End to end: one training step", "",
+                  "| model | variant | dtype | seq | grad ckpt | step ms | tokens/s | peak MiB | peak above state MiB "
+                  "| longest seq that fits | status |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|---|---|"]
+        for r in e2e:
+            lines.append(
+                f"| {r.get('model')} | {r.get('variant')} | {r.get('dtype')} | {r.get('seq')} "
+                f"| {r.get('gradient_checkpointing')} | {_num(r.get('step_ms'), '.1f')} "
+                f"| {_num(r.get('tokens_per_s'), ',.0f')} | {_mib(r.get('peak_mem_bytes'))} "
+                f"| {_mib(r.get('peak_above_state_bytes'))} | {r.get('max_seq_note') or ''} | {r.get('status')} |")
+        notes = sorted({r.get("memory_note") for r in e2e if r.get("memory_note")})
+        lines += [""] + [f"- {n}" for n in notes] + [""]
+    ver = [r for r in recs if r.get("record") == "verify"]
+    if ver:
+        lines += ["## Correctness at large shapes vs float64", "",
+                  "| impl | dtype | N | D | V | N*V | loss err | dh err (rows) | dW err (vocab rows) "
+                  "| stock-like baseline loss / dh / dW | pass | status |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+        for r in ver:
+            base = r.get("baseline") or {}
+            lines.append(
+                f"| {r['impl']} | {r['dtype']} | {r['N']} | {r['D']} | {r['V']} | {r['N'] * r['V']:,} "
+                f"| {_err(r.get('loss_rel_err'))} | {_err(r.get('dh_rel_err'))} | {_err(r.get('dw_rel_err'))} "
+                f"| {_err(base.get('loss_rel_err'))} / {_err(base.get('dh_rel_err'))} / "
+                f"{_err(base.get('dw_rel_err'))} | {r.get('pass')} | {r.get('status')} |")
+        lines += ["", ver[0].get("method", ""), ""]
+    path = os.path.join(out_dir, MD_NAME)
+    with open(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+_STYLE = {"floor": ("black", "--"), "stock": ("tab:red", "-"), "torch-lce": ("tab:purple", "-"),
+          "liger": ("tab:orange", "-"), "liger-fp32acc": ("tab:orange", ":"), "cce": ("tab:green", ":"),
+          "cce-exact": ("tab:green", "-"), "ours-torch": ("tab:blue", ":"), "ours-triton": ("tab:blue", "-")}
+
+
+def write_plot(doc: dict, out_dir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    env = doc.get("environment", {})
+    groups = defaultdict(list)
+    for r in doc["records"]:
+        if r.get("record") == "op" and r.get("status") == "ok":
+            groups[(r["dtype"], r["shape"], r["D"], r["V"])].append(r)
+    path = os.path.join(out_dir, PNG_NAME)
+    rows = max(1, len(groups))
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.4 * rows), squeeze=False)
+    if not groups:
+        axes[0][0].text(0.5, 0.5, "no successful measurement", ha="center")
+    for row, ((dtype, shape, d, v), rs) in enumerate(groups.items()):
+        ax_t, ax_m = axes[row]
+        by_impl = defaultdict(list)
+        for r in rs:
+            by_impl[r["impl"]].append(r)
+        for impl, pts in by_impl.items():
+            pts.sort(key=lambda r: r["N"])
+            color, ls = _STYLE.get(impl, (None, "-"))
+            ns = [r["N"] for r in pts]
+            ax_t.plot(ns, [r["fwd_bwd_ms"] for r in pts], ls, marker="o", color=color, label=impl)
+            if impl != "floor":
+                ax_m.plot(ns, [max(r["peak_above_grads_bytes"], 0) / _MiB + 1e-3 for r in pts], ls, marker="o",
+                          color=color, label=impl)
+        for ax, title, ylabel in ((ax_t, "fwd+bwd time", "ms (median)"),
+                                  (ax_m, "peak memory above inputs + gradients", "MiB")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{shape} D={d} V={v} {dtype}: {title}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax_t.legend(fontsize=7)
+    fig.suptitle(f"hf-fusedce bench — {env.get('device')} — {env.get('date')} — torch {env.get('torch')}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,78 @@
+"""The benchmark matrix: lm_head shapes, token counts and precision modes, per device."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d: int  # hidden size
+    v: int  # vocabulary size
+
+
+# The issue-5 matrix (GPU).
+GPU_SHAPES = {
+    "llama3-8b": Shape("llama3-8b", 4096, 128256),
+    "qwen2.5-7b": Shape("qwen2.5-7b", 3584, 152064),
+    "gemma2-2b": Shape("gemma2-2b", 2304, 256000),
+    "d2048-v32k": Shape("d2048-v32k", 2048, 32000),
+}
+GPU_NS = (4096, 8192, 16384, 65536)
+# CPU: small enough that the whole default run takes ~1-3 minutes on 2 cores.
+CPU_SHAPES = {
+    "cpu-d256-v16k": Shape("cpu-d256-v16k", 256, 16384),
+    "cpu-d512-v32k": Shape("cpu-d512-v32k", 512, 32000),
+}
+CPU_NS = (1024, 2048)
+KNOWN_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+
+
+@dataclass(frozen=True)
+class DtypeMode:
+    name: str  # as written in the records
+    param_dtype: torch.dtype  # dtype of hidden and weight (and their gradients)
+    autocast_dtype: torch.dtype | None  # forward runs under torch.autocast(dtype=...) when set
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.autocast_dtype or self.param_dtype
+
+
+DTYPE_MODES = {
+    "bf16": DtypeMode("bf16", torch.bfloat16, None),
+    # HF mixed precision: fp32 master weights and fp32 hidden states, the head's GEMM under bf16 autocast.
+    "amp-bf16": DtypeMode("fp32-weights+bf16-autocast", torch.float32, torch.bfloat16),
+    "fp32": DtypeMode("fp32", torch.float32, None),
+}
+DEFAULT_DTYPES = {"cuda": ("bf16", "amp-bf16"), "cpu": ("fp32",)}
+
+
+def parse_shape(text: str) -> Shape:
+    """A known name (llama3-8b, qwen2.5-7b, gemma2-2b, d2048-v32k, cpu-...) or DxV, e.g. 512x32000."""
+    text = text.strip()
+    if text in KNOWN_SHAPES:
+        return KNOWN_SHAPES[text]
+    try:
+        d, v = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape {text!r}: use a name ({', '.join(KNOWN_SHAPES)}) or DxV such as 512x32000") from None
+    if d <= 0 or v <= 0:
+        raise ValueError(f"shape {text!r}: D and V must be positive")
+    return Shape(f"d{d}-v{v}", d, v)
+
+
+def default_shapes(device: torch.device) -> list[Shape]:
+    return list((GPU_SHAPES if device.type == "cuda" else CPU_SHAPES).values())
+
+
+def default_ns(device: torch.device) -> list[int]:
+    return list(GPU_NS if device.type == "cuda" else CPU_NS)
