@@ -100,13 +100,18 @@ def _dw_dtype(w, acc_dtype, n_chunks):
 def _accumulate_dw(dw, g, hc):
     if g.dtype == dw.dtype:
         dw.addmm_(g.t(), hc)
-    elif dw.is_cuda and _HAS_MIXED_ADDMM:  # fp32 accumulator fed by a low-precision GEMM, no V x D temporary
-        torch.addmm(dw, g.t(), hc, out_dtype=dw.dtype, out=dw)
-    else:  # no mixed-dtype GEMM here (CPU, older torch): low-precision GEMM, then fp32 sum
-        dw += g.t() @ hc
+        return
+    if dw.is_cuda and _MIXED_ADDMM["ok"]:  # fp32 accumulator fed by a low-precision GEMM, no V x D temporary
+        try:
+            torch.addmm(dw, g.t(), hc, out_dtype=dw.dtype, out=dw)
+            return
+        except (RuntimeError, TypeError):  # this build lacks the kernel: remember, use the fallback
+            _MIXED_ADDMM["ok"] = False
+    # no mixed-dtype GEMM here (CPU, older torch): low-precision GEMM, then fp32 sum
+    dw += g.t() @ hc
 
 
-_HAS_MIXED_ADDMM = "dtype_out" in torch.ops.aten.addmm.overloads()
+_MIXED_ADDMM = {"ok": "dtype_out" in torch.ops.aten.addmm.overloads()}
 
 
 def _finish(grad, dtype):
