@@ -148,6 +148,10 @@ class FusedLinearCrossEntropyFn(torch.autograd.Function):
             like = (h.dtype, w.dtype, None if b is None else b.dtype)
         else:
             grads, like = ctx.grads, ctx.dtypes
+            if grads is None:
+                raise RuntimeError("fused_linear_cross_entropy: backward ran twice through the same loss "
+                                   "(retain_graph). Its gradients are computed in the forward and handed over "
+                                   "once; recompute the loss for a second backward.")
             ctx.grads = None  # free the saved gradients as soon as they are handed over
             go = grad_out
             for g in (grads.hidden, grads.weight, grads.bias):

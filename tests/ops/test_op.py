@@ -226,3 +226,11 @@ def test_reference_agrees_with_torch_cross_entropy(reduction, smoothing):
                                           label_smoothing=smoothing)
     assert rel_err(soft.flatten(), F.cross_entropy(logits, dense, reduction=reduction,
                                                    label_smoothing=smoothing)) < 1e-12
+
+
+def test_second_backward_is_a_clear_error():
+    params, targets, _, _ = make_case({}, torch.float32)
+    loss = fused_linear_cross_entropy(*params, targets, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
