@@ -266,11 +266,15 @@ class FusedCETrainer(Trainer):
         return out
 
     def _fce_stock_head(self, hidden, weight, targets, n_valid):
-        """Forward + backward of the stock head (what `ForCausalLMLoss` does after `lm_head`)."""
-        with self.accelerator.autocast():
-            logits = F.linear(hidden, weight)
-            loss = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum") / n_valid
-        loss.backward()
+        """Forward + backward of the stock head (what `ForCausalLMLoss` does after `lm_head`). The logits are
+        not referenced during backward (Trainer keeps only the loss), autograd keeps what it saved."""
+
+        def forward():
+            with self.accelerator.autocast():
+                logits = F.linear(hidden, weight)
+                return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum") / n_valid
+
+        forward().backward()
 
     def _fce_reduce_probe(self, result: dict) -> dict:
         """Max over ranks (every rank probes its own first batch). A rank whose stock head did not fit wins."""
