@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from hf_fusedce.memory import measure_peak
+from hf_fusedce.memory import LiveTensorTracker
 
 from .runner import environment, free_memory, is_oom, log
 from .shapes import DtypeMode
@@ -57,10 +57,9 @@ def _build_model(cfg_kwargs: dict, mode: DtypeMode, device, grad_ckpt: bool, see
     model.train()
     if grad_ckpt:
         # transformers 5.23 renamed it activation_checkpointing_enable; the GPU image's 5.17 has only the old name
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        try:
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        except TypeError:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -77,14 +76,21 @@ class _Trainer:
         self.model, self.mode, self.device, self.vocab = model, mode, device, vocab
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-    def step(self, seq: int):
+    def forward_backward(self, seq: int) -> float:
         ids = torch.randint(0, self.vocab, (1, seq), device=self.device)
         with self.mode.autocast(self.device):
             loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()
+        return float(loss.detach())
+
+    def optimizer_step(self):
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+
+    def step(self, seq: int) -> float:
+        loss = self.forward_backward(seq)
+        self.optimizer_step()
+        return loss
 
 
 def _sync(device):
@@ -92,21 +98,36 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _measure_step(tr: _Trainer, seq: int):
-    """(peak above resident state, total peak) of one step."""
-    free_memory(tr.device)
-    with measure_peak(tr.device) as reading:
-        tr.step(seq)
-    if tr.device.type == "cuda":
-        base = torch.cuda.memory_allocated(tr.device)
-    else:
-        base = _state_bytes(tr.model, tr.opt)
-    return int(reading.peak_bytes), base + int(reading.peak_bytes)
+def _measure_step(tr: _Trainer, seq: int) -> tuple[int, int, int]:
+    """Peaks of one step above the resident state (weights + optimizer state): (forward+backward, whole step
+    including the optimizer update), and the resident state's bytes."""
+    dev = tr.device
+    tr.opt.zero_grad(set_to_none=True)
+    free_memory(dev)
+    if dev.type == "cuda":
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        tr.forward_backward(seq)
+        _sync(dev)
+        fwd_bwd = torch.cuda.max_memory_allocated(dev) - base
+        torch.cuda.reset_peak_memory_stats(dev)
+        tr.optimizer_step()
+        _sync(dev)
+        whole = max(fwd_bwd, torch.cuda.max_memory_allocated(dev) - base)
+        return fwd_bwd, whole, base
+    t1 = LiveTensorTracker()
+    with t1:
+        tr.forward_backward(seq)
+    carried = t1.live_bytes  # the gradients (and anything else the step keeps) going into the update
+    t2 = LiveTensorTracker()
+    with t2:
+        tr.optimizer_step()
+    return t1.peak_bytes, max(t1.peak_bytes, carried + t2.peak_bytes), _state_bytes(tr.model, tr.opt)
 
 
 def _fits(tr: _Trainer, seq: int, budget: int | None) -> bool:
     try:
-        above, _ = _measure_step(tr, seq)
+        _, above, _ = _measure_step(tr, seq)
     except Exception as err:  # noqa: BLE001
         if not is_oom(err):
             raise
@@ -184,11 +205,12 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
                     loss = tr.step(seq)
                     _sync(device)
                     times.append((time.perf_counter() - t0) * 1e3)
-                above, total = _measure_step(tr, seq)
+                fwd_bwd, above, base = _measure_step(tr, seq)
                 ms = statistics.median(times)
                 rec.update({"step_ms": ms, "times_ms": [round(t, 3) for t in times],
                             "tokens_per_s": seq / (ms / 1e3), "loss": loss,
-                            "peak_mem_bytes": total, "peak_above_state_bytes": above,
+                            "peak_mem_bytes": base + above, "peak_above_state_bytes": above,
+                            "peak_fwd_bwd_above_state_bytes": fwd_bwd,
                             "state_bytes": _state_bytes(tr.model, tr.opt)})
                 if search:
                     best, note = longest_seq(lambda n: _fits(tr, n, budget), seq, max_seq, d["granularity"])

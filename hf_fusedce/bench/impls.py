@@ -26,9 +26,13 @@ class Impl:
     exact: bool  # exact gradients (as opposed to skipping small ones)
     _resolve: Callable[[torch.device], "Forward | str"] = field(repr=False)
     default: bool = True  # part of the default matrix
+    cpu_opt_in: bool = False  # on CPU, measured only when named in --impls (interpreter-only there)
 
-    def resolve(self, device: torch.device) -> "Forward | str":
+    def resolve(self, device: torch.device, explicit: bool = False) -> "Forward | str":
         """The forward, or a string "skipped: reason"."""
+        if self.cpu_opt_in and device.type != "cuda" and not explicit:
+            return ("skipped: on CPU only the Triton interpreter runs it (far too slow to time); "
+                    "name it in --impls with TRITON_INTERPRET=1 to time it anyway")
         try:
             out = self._resolve(device)
         except ImportError as err:
@@ -50,7 +54,7 @@ def _ours(backend: str):
 
         if backend == "triton":
             if not triton_available(device):
-                return "skipped: triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU, far too slow to time)"
+                return "skipped: triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)"
             try:
                 importlib.import_module("hf_fusedce.ops.triton_impl")
             except Exception as err:  # the backend is being written; record why it is absent
@@ -172,7 +176,7 @@ def _floor(device):
 def _registry() -> dict[str, Impl]:
     impls = [
         Impl("ours-torch", "ours", _ours_strategy("torch"), True, _ours("torch")),
-        Impl("ours-triton", "ours", _ours_strategy("triton"), True, _ours("triton")),
+        Impl("ours-triton", "ours", _ours_strategy("triton"), True, _ours("triton"), cpu_opt_in=True),
         Impl("stock", "stock", "logits materialized, .float(), F.cross_entropy (transformers ForCausalLMLoss)",
              True, _stock),
         Impl("torch-lce", "peer", "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",

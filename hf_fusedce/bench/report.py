@@ -114,16 +114,19 @@ def write_markdown(doc: dict, out_dir: str) -> str:
     e2e = [r for r in recs if r.get("record") == "e2e"]
     if e2e:
         lines += ["## End to end: one training step", "",
-                  "| model | variant | dtype | seq | grad ckpt | step ms | tokens/s | peak MiB | peak above state MiB "
-                  "| longest seq that fits | status |",
-                  "|---|---|---|---:|---|---:|---:|---:|---:|---|---|"]
+                  "| model | variant | dtype | seq | grad ckpt | step ms | tokens/s | peak MiB | step peak above state MiB "
+                  "| fwd+bwd peak above state MiB | longest seq that fits | status |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
         for r in e2e:
             lines.append(
                 f"| {r.get('model')} | {r.get('variant')} | {r.get('dtype')} | {r.get('seq')} "
                 f"| {r.get('gradient_checkpointing')} | {_num(r.get('step_ms'), '.1f')} "
                 f"| {_num(r.get('tokens_per_s'), ',.0f')} | {_mib(r.get('peak_mem_bytes'))} "
-                f"| {_mib(r.get('peak_above_state_bytes'))} | {r.get('max_seq_note') or ''} | {r.get('status')} |")
-        notes = sorted({r.get("memory_note") for r in e2e if r.get("memory_note")})
+                f"| {_mib(r.get('peak_above_state_bytes'))} | {_mib(r.get('peak_fwd_bwd_above_state_bytes'))} "
+                f"| {r.get('max_seq_note') or ''} | {r.get('status')} |")
+        notes = ["state = weights + AdamW state, resident between steps; 'step peak' includes the optimizer "
+                 "update, 'fwd+bwd peak' stops before it. Longest seq: doubling then bisection, batch 1."]
+        notes += sorted({r.get("memory_note") for r in e2e if r.get("memory_note")})
         lines += [""] + [f"- {n}" for n in notes] + [""]
     ver = [r for r in recs if r.get("record") == "verify"]
     if ver:

@@ -182,10 +182,10 @@ def measure(impl: Impl, fn, h, w, y, mode: DtypeMode, device, cfg: BenchConfig, 
     return rec
 
 
-def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink):
-    """Calls sink(record) for every (mode, shape, N, impl), in that nesting."""
+def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explicit: bool = False):
+    """Calls sink(record) for every (mode, shape, N, impl), in that nesting. explicit: impls were named."""
     env = environment(device)
-    resolved = {impl.name: impl.resolve(device) for impl in impls}
+    resolved = {impl.name: impl.resolve(device, explicit) for impl in impls}
     for mode in modes:
         for shape in shapes:
             ref_ns = set(ns) if cfg.ref == "all" else ({min(ns)} if cfg.ref == "min" and ns else set())

@@ -55,10 +55,10 @@ def stock_like_errors(h, w, y, ref: Reference, chunk_rows: int = 4096) -> dict:
     return compare(full, float(total / n_valid), dh, dw.to(h.dtype))
 
 
-def run_verify(device, impls, sink, cases=None, mode_name: str = "bf16", seed: int = 0):
+def run_verify(device, impls, sink, cases=None, mode_name: str = "bf16", seed: int = 0, explicit: bool = False):
     mode = DTYPE_MODES[mode_name]
     env = environment(device)
-    resolved = [(impl, impl.resolve(device)) for impl in impls if impl.kind != "floor"]
+    resolved = [(impl, impl.resolve(device, explicit)) for impl in impls if impl.kind != "floor"]
     for shape, n in cases or default_cases(device):
         log(f"[verify] {shape.name} N={n} D={shape.d} V={shape.v} {mode.name} (N*V={n * shape.v:,})")
         base = {**env, "record": "verify", "shape": shape.name, "N": n, "D": shape.d, "V": shape.v,

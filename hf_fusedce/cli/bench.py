@@ -42,6 +42,7 @@ def register(subparsers):
     g.add_argument("--e2e-seq", type=int, default=None, help="sequence length timed (default CUDA 4096, CPU 1024)")
     g.add_argument("--e2e-max-seq", type=int, default=None,
                    help="cap of the longest-sequence search (default CUDA 262144, CPU 8192)")
+    g.add_argument("--e2e-repeats", type=int, default=3, help="timed steps after the warm-up step (default 3)")
     g.add_argument("--e2e-no-search", action="store_true", help="skip the longest-sequence search")
     g.add_argument("--e2e-no-grad-ckpt", action="store_true", help="disable gradient checkpointing")
     g.add_argument("--e2e-budget-mib", type=float, default=None,
@@ -97,7 +98,7 @@ def _command_line(args) -> list[str]:
     cmd = ["hf-fusedce", "bench"]
     for k, v in sorted(vars(args).items()):
         if k in ("func", "command") or v in (None, False) or (k == "max_seconds" and v == 3.0) or \
-                (k == "ref" and v == "min") or (k == "seed" and v == 0):
+                (k == "ref" and v == "min") or (k == "seed" and v == 0) or (k == "e2e_repeats" and v == 3):
             continue
         flag = "--" + k.replace("_", "-")
         if v is True:
@@ -153,18 +154,18 @@ def run(args) -> int:
     log(f"[bench] device {sink.doc['environment']['device']}; writing to {out}")
 
     if not args.skip_matrix:
-        run_matrix(shapes, ns, modes, impls, device, cfg, sink)
+        run_matrix(shapes, ns, modes, impls, device, cfg, sink, explicit=bool(args.impls))
     if args.verify:
         from hf_fusedce.bench.verify import run_verify
 
         v_impls = impls if args.impls else [i for i in IMPLS.values() if i.kind == "ours"]
-        run_verify(device, v_impls, sink, cases=verify_cases, seed=args.seed)
+        run_verify(device, v_impls, sink, cases=verify_cases, seed=args.seed, explicit=bool(args.impls))
     if args.e2e:
         from hf_fusedce.bench.e2e import run_e2e
 
         e2e_modes = [DTYPE_MODES[k] for k in (_csv(args.e2e_dtype) or (["bf16"] if cuda else ["fp32"]))]
         run_e2e(device, e2e_modes, sink, seq=args.e2e_seq, grad_ckpt=not args.e2e_no_grad_ckpt,
-                search=not args.e2e_no_search, max_seq=args.e2e_max_seq,
+                search=not args.e2e_no_search, max_seq=args.e2e_max_seq, repeats=max(1, args.e2e_repeats),
                 budget_bytes=None if args.e2e_budget_mib is None else int(args.e2e_budget_mib * 2**20),
                 seed=args.seed)
     written = []
@@ -192,7 +193,7 @@ def _profile(args, device, case, shapes, ns, modes, out) -> list[str]:
         if name not in IMPLS:
             log(f"[profile] unknown impl {name!r}")
             return []
-        fn = IMPLS[name].resolve(device)
+        fn = IMPLS[name].resolve(device, explicit=bool(args.profile_impl))
         if not isinstance(fn, str):
             break
         log(f"[profile] {name}: {fn}")
