@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -168,8 +169,8 @@ class FusedCETrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _fce_count_tokens(self, inputs):
-        ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         if ids is None:
             return
         self._fce_max_micro_tokens = max(self._fce_max_micro_tokens, int(ids.numel()))
@@ -193,11 +194,14 @@ class FusedCETrainer(Trainer):
             g = torch.Generator(device=dev).manual_seed(0)
             synth = torch.randn(shape, generator=g, device=dev, dtype=w.dtype) * 0.02
             return synth.requires_grad_(w.requires_grad), "synthetic (same shape and dtype; real weight is sharded)"
-        return w.detach().requires_grad_(w.requires_grad), "model lm_head weight (detached: no gradient reaches it)"
+        source = "model lm_head weight (detached: no gradient reaches it)"
+        if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+            source += "; a peft adapter on lm_head is not part of the probe"
+        return w.detach().requires_grad_(w.requires_grad), source
 
     def _fce_run_probe(self, inputs) -> dict:
-        labels = inputs.get("labels") if isinstance(inputs, dict) else None
-        ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
+        ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
         dev = self._fce_device()
         result: dict[str, Any] = {"device": str(dev), "method": None, "tokens": None}
         try:

@@ -1,0 +1,116 @@
+"""Causal-LM pretraining (or continued pretraining) on packed sequences with the fused loss head.
+
+Tiny and offline by default (a 2-layer Llama with the shipped 32k tokenizer; the shipped demo texts packed into
+blocks):
+
+    python examples/pretrain.py
+
+Real use (a .txt file with one document a line, or JSON/JSONL with a text column):
+
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/pretrain.py \
+        --model_name_or_path meta-llama/Llama-3.2-1B --train_file data/corpus.jsonl --text_field text \
+        --block_size 4096 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 --bf16 \
+        --max_steps 1000 --output_dir out/pretrain
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import datasets
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+
+from hf_fusedce import FusedCEConfig, FusedCETrainer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default=None, help="hub id or local dir; default: a tiny random Llama")
+    p.add_argument("--from_scratch", action="store_true", help="use only the config of --model_name_or_path")
+    p.add_argument("--train_file", default=None, help=".txt, or JSON/JSONL with --text_field (default: shipped data)")
+    p.add_argument("--text_field", default="text")
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--output_dir", default="out/pretrain")
+    p.add_argument("--max_steps", type=int, default=8)
+    p.add_argument("--per_device_train_batch_size", type=int, default=4)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--logging_steps", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--report_to", default="none")
+    p.add_argument("--stock", action="store_true", help="stock loss head (same logging), for comparison")
+    p.add_argument("--cpu", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_model_and_tokenizer(args):
+    if args.model_name_or_path:
+        tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        if args.from_scratch:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_name_or_path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+        return model, tok
+    from hf_fusedce.demo import build_tiny_llama, load_demo_tokenizer
+
+    tok = load_demo_tokenizer()
+    model = build_tiny_llama(seed=args.seed, vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4,
+                             num_kv_heads=2, intermediate_size=128, max_position=max(args.block_size, 256))
+    return model, tok
+
+
+def load_texts(args):
+    if args.train_file is None:  # the shipped demo conversations, as plain text
+        from hf_fusedce.demo import shipped_sft_path
+
+        ds = datasets.load_dataset("json", data_files={"train": shipped_sft_path()}, split="train")
+        return ds.map(lambda e: {"text": "\n".join(m["content"] for m in e["messages"])},
+                      remove_columns=ds.column_names), "text"
+    if args.train_file.endswith(".txt"):
+        return datasets.load_dataset("text", data_files={"train": args.train_file}, split="train"), "text"
+    return datasets.load_dataset("json", data_files={"train": args.train_file}, split="train"), args.text_field
+
+
+def pack(examples, tok, block_size, field):
+    """Tokenize, join documents with EOS, cut into full blocks; labels = input_ids (the model shifts them)."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    stream = [t for ids in tok(examples[field], add_special_tokens=False)["input_ids"] for t in list(ids) + eos]
+    n = len(stream) // block_size * block_size
+    blocks = [stream[i: i + block_size] for i in range(0, n, block_size)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tok = load_model_and_tokenizer(args)
+    texts, field = load_texts(args)
+    train = texts.map(pack, batched=True, batch_size=1000, remove_columns=texts.column_names,
+                      fn_kwargs={"tok": tok, "block_size": args.block_size, "field": field})
+    targs = TrainingArguments(
+        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps, logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16,
+        report_to=args.report_to, save_strategy="no", ddp_find_unused_parameters=False,
+        use_cpu=args.cpu or not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}))
+    trainer = FusedCETrainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator,
+                             processing_class=tok, fusedce_config=FusedCEConfig(enabled=not args.stock))
+    out = trainer.train()
+    if trainer.is_world_process_zero():
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        result = {"train_loss": out.training_loss, "losses": losses, "blocks": len(train),
+                  "head_saved_mib": trainer.fusedce_summary["loss_head_probe"].get("saved_mib")}
+        with open(os.path.join(args.output_dir, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
