@@ -17,7 +17,7 @@ import torch
 
 from hf_fusedce.memory import LiveTensorTracker
 
-from .runner import environment, free_memory, is_oom, log
+from .runner import TIME_SKIP, environment, free_memory, is_oom, log
 from .shapes import DtypeMode
 
 # Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192, vocab 128256, tied.
@@ -139,12 +139,14 @@ def _fits(tr: _Trainer, seq: int, budget: int | None) -> bool:
     return budget is None or above <= budget
 
 
-def longest_seq(fits, start: int, cap: int, gran: int) -> tuple[int | None, str]:
+def longest_seq(fits, start: int, cap: int, gran: int, out_of_time=lambda: False) -> tuple[int | None, str]:
     """Largest multiple of `gran` up to `cap` for which fits(seq) holds: doubling from `start`, then bisection
     between the last length that fit and the first that did not (assumes fitting is monotone in seq)."""
     lo, hi = 0, None
     seq = min(start, cap)
     while hi is None:
+        if out_of_time():
+            return (lo or None), f">= {lo} (time budget spent, search incomplete)"
         log(f"[e2e]     probe seq={seq}")
         if fits(seq):
             lo = seq
@@ -157,6 +159,8 @@ def longest_seq(fits, start: int, cap: int, gran: int) -> tuple[int | None, str]
         mid = (lo + hi) // 2 // gran * gran
         if mid <= lo:
             break
+        if out_of_time():
+            return (lo or None), f">= {lo} and < {hi} (time budget spent, search incomplete)"
         log(f"[e2e]     probe seq={mid}")
         if fits(mid):
             lo = mid
@@ -167,7 +171,7 @@ def longest_seq(fits, start: int, cap: int, gran: int) -> tuple[int | None, str]
 
 def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, grad_ckpt: bool = True,
             search: bool = True, max_seq: int | None = None, repeats: int = 3, budget_bytes: int | None = None,
-            seed: int = 0):
+            seed: int = 0, out_of_time=lambda: False):
     d = e2e_defaults(device)
     seq = seq or d["seq"]
     max_seq = max_seq or d["max_seq"]
@@ -188,6 +192,10 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
             log(f"[e2e] {variant} {mode.name} seq={seq}")
             if variant == "patched" and isinstance(patch, str):
                 rec["status"] = patch
+                sink(rec)
+                continue
+            if out_of_time():
+                rec["status"] = TIME_SKIP
                 sink(rec)
                 continue
             model = tr = None
@@ -213,7 +221,8 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
                             "peak_fwd_bwd_above_state_bytes": fwd_bwd,
                             "state_bytes": _state_bytes(tr.model, tr.opt)})
                 if search:
-                    best, note = longest_seq(lambda n: _fits(tr, n, budget), seq, max_seq, d["granularity"])
+                    best, note = longest_seq(lambda n: _fits(tr, n, budget), seq, max_seq, d["granularity"],
+                                             out_of_time)
                     rec.update({"max_seq": best, "max_seq_note": note, "max_seq_cap": max_seq,
                                 "max_seq_granularity": d["granularity"]})
             except Exception as err:  # noqa: BLE001

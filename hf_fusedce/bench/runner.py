@@ -29,6 +29,9 @@ from .shapes import DtypeMode, Shape
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 
 
+TIME_SKIP = "skipped: time budget (--time-budget) spent"
+
+
 @dataclass
 class BenchConfig:
     warmup: int = 2
@@ -38,6 +41,10 @@ class BenchConfig:
     ref: str = "min"  # float64 reference errors at: "min" (smallest N of each shape), "all", "none"
     ref_max_logits: int = 2**31  # skip the reference when N*V exceeds this (float64 work grows with it)
     seed: int = 0
+    deadline: float | None = None  # time.perf_counter() after which measurements are skipped (--time-budget)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 def log(msg: str):
@@ -193,6 +200,10 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                 base = {**env, "record": "op", "shape": shape.name, "N": n, "D": shape.d, "V": shape.v,
                         "dtype": mode.name, "logits_bytes_bf16": n * shape.v * 2}
                 log(f"[bench] {mode.name} {shape.name} N={n} D={shape.d} V={shape.v}")
+                if cfg.out_of_time():
+                    for impl in impls:
+                        sink({**base, **_impl_fields(impl), "status": TIME_SKIP})
+                    continue
                 try:
                     h, w, y = make_inputs(shape, n, mode, device, cfg.seed)
                 except Exception as err:  # noqa: BLE001
@@ -205,7 +216,8 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                 ref = None
                 if n in ref_ns and n * shape.v <= cfg.ref_max_logits:
                     try:
-                        ref = chunked_reference(h.detach(), w.detach(), y)
+                        ref = chunked_reference(h.detach(), w.detach(), y,
+                                                budget_bytes=(2 << 30) if device.type == "cuda" else (256 << 20))
                     except Exception as err:  # noqa: BLE001
                         log(f"[bench]   reference skipped: {type(err).__name__}: {err}")
                         err = None
@@ -216,6 +228,8 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                     rec = {**base, **_impl_fields(impl)}
                     if isinstance(fn, str):
                         rec["status"] = fn
+                    elif cfg.out_of_time():
+                        rec["status"] = TIME_SKIP
                     else:
                         rec.update(measure(impl, fn, h, w, y, mode, device, cfg, ref))
                     log(f"[bench]   {impl.name:14s} {_brief(rec)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .reference import Reference, compare, subset_reference
-from .runner import environment, free_memory, is_oom, log, make_inputs
+from .runner import TIME_SKIP, environment, free_memory, is_oom, log, make_inputs
 from .shapes import DTYPE_MODES, GPU_SHAPES, Shape, parse_shape
 
 METHOD = ("Reference: float64 from the same inputs; loss over all tokens, dh on 256 random token rows, dW on "
@@ -55,7 +55,8 @@ def stock_like_errors(h, w, y, ref: Reference, chunk_rows: int = 4096) -> dict:
     return compare(full, float(total / n_valid), dh, dw.to(h.dtype))
 
 
-def run_verify(device, impls, sink, cases=None, mode_name: str = "bf16", seed: int = 0, explicit: bool = False):
+def run_verify(device, impls, sink, cases=None, mode_name: str = "bf16", seed: int = 0, explicit: bool = False,
+               out_of_time=lambda: False):
     mode = DTYPE_MODES[mode_name]
     env = environment(device)
     resolved = [(impl, impl.resolve(device, explicit)) for impl in impls if impl.kind != "floor"]
@@ -63,9 +64,14 @@ def run_verify(device, impls, sink, cases=None, mode_name: str = "bf16", seed: i
         log(f"[verify] {shape.name} N={n} D={shape.d} V={shape.v} {mode.name} (N*V={n * shape.v:,})")
         base = {**env, "record": "verify", "shape": shape.name, "N": n, "D": shape.d, "V": shape.v,
                 "dtype": mode.name, "method": METHOD}
+        if out_of_time():
+            for impl, _ in resolved:
+                sink({**base, "impl": impl.name, "status": TIME_SKIP})
+            continue
         try:
             h, w, y = make_inputs(shape, n, mode, device, seed)
-            ref = subset_reference(h.detach(), w.detach(), y)
+            ref = subset_reference(h.detach(), w.detach(), y,
+                                   budget_bytes=(4 << 30) if device.type == "cuda" else (256 << 20))
             baseline = stock_like_errors(h.detach(), w.detach(), y, ref)
         except Exception as err:  # noqa: BLE001
             status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {err}"

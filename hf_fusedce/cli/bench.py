@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 
 def register(subparsers):
@@ -34,6 +35,9 @@ def register(subparsers):
                    help="float64 reference errors at the smallest N of each shape (min), every N, or none")
     p.add_argument("--out", default=None, help="output folder (default hf_fusedce_bench/<device>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="after this many seconds, record the remaining measurements as skipped and write the "
+                        "report (keeps a run inside a hard time limit)")
     p.add_argument("--skip-matrix", action="store_true", help="skip the op matrix (only --e2e/--verify/--profile)")
     g = p.add_argument_group("end to end")
     g.add_argument("--e2e", action="store_true",
@@ -148,7 +152,8 @@ def run(args) -> int:
     cuda = device.type == "cuda"
     cfg = BenchConfig(warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
                       repeats=args.repeats if args.repeats is not None else (10 if cuda else 3),
-                      max_seconds=args.max_seconds, ref=args.ref, seed=args.seed)
+                      max_seconds=args.max_seconds, ref=args.ref, seed=args.seed,
+                      deadline=None if args.time_budget is None else time.perf_counter() + args.time_budget)
     out = args.out or default_out(device)
     sink = report.ResultSink(out, _command_line(args), environment(device))
     log(f"[bench] device {sink.doc['environment']['device']}; writing to {out}")
@@ -159,7 +164,8 @@ def run(args) -> int:
         from hf_fusedce.bench.verify import run_verify
 
         v_impls = impls if args.impls else [i for i in IMPLS.values() if i.kind == "ours"]
-        run_verify(device, v_impls, sink, cases=verify_cases, seed=args.seed, explicit=bool(args.impls))
+        run_verify(device, v_impls, sink, cases=verify_cases, seed=args.seed, explicit=bool(args.impls),
+                   out_of_time=cfg.out_of_time)
     if args.e2e:
         from hf_fusedce.bench.e2e import run_e2e
 
@@ -167,7 +173,7 @@ def run(args) -> int:
         run_e2e(device, e2e_modes, sink, seq=args.e2e_seq, grad_ckpt=not args.e2e_no_grad_ckpt,
                 search=not args.e2e_no_search, max_seq=args.e2e_max_seq, repeats=max(1, args.e2e_repeats),
                 budget_bytes=None if args.e2e_budget_mib is None else int(args.e2e_budget_mib * 2**20),
-                seed=args.seed)
+                seed=args.seed, out_of_time=cfg.out_of_time)
     written = []
     if args.profile:
         written += _profile(args, device, profile_case, shapes, ns, modes, out)

@@ -177,3 +177,13 @@ def test_bad_arguments():
     assert main(["bench", "--device", "cpu", "--impls", "nope"]) == 2
     assert main(["bench", "--device", "cpu", "--shapes", "banana"]) == 2
     assert main(["bench", "--device", "cpu", "--dtype", "fp8"]) == 2
+
+
+def test_time_budget_still_writes_the_report(tmp_path):
+    rc = main(["bench", "--device", "cpu", "--shapes", "16x256", "--n", "32", "--time-budget", "0",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    doc = report.load(str(tmp_path / "results.json"))
+    assert doc["records"] and all(r["status"].startswith("skipped") for r in doc["records"])
+    assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
+    assert longest_seq(lambda s: True, 1024, 8192, 256, out_of_time=lambda: True)[0] is None
