@@ -170,6 +170,9 @@ def plot(res: dict, path: str) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.35, 1]})
     ax1.plot(s["steps"], s["losses"], "-", color="tab:blue", lw=2.5, alpha=0.6, label="stock head")
     ax1.plot(f["steps"], f["losses"], "--o", color="tab:orange", lw=1.3, ms=3, label="fused head (hf_fusedce)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("training loss")
     ax1.set_title(f"Loss curves (max relative difference {res['compare']['max_rel_loss_diff']:.1e})")

@@ -60,6 +60,16 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+class _Recorder(transformers.TrainerCallback):
+    """What a `report_to` logger (TensorBoard, W&B...) receives: the `logs` of `on_log`."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """20 optimizer steps (grad accumulation 2, prompt-masked labels) with stock Trainer and FusedCETrainer."""
@@ -72,6 +82,7 @@ def pair(tmp_path_factory):
     stock.train()
     fused = FusedCETrainer(model=_tiny_model(), args=_args(tmp, "fused"), train_dataset=train, eval_dataset=evald,
                            data_collator=_collate)
+    fused.add_callback(_Recorder())
     fused.train()
     return stock, fused
 
@@ -103,6 +114,9 @@ def test_memory_keys_in_logs(pair):
             assert k in h, (k, sorted(h))
         assert h["fusedce/tokens_per_sec"] > 0
         assert h["fusedce/rss_mib"] > 0
+    rec = next(c for c in fused.callback_handler.callbacks if isinstance(c, _Recorder))
+    seen = [h for h in rec.logs if "loss" in h]
+    assert len(seen) == 20 and all(k in seen[0] for k in MEM_KEYS)  # loggers get the keys via Trainer.log
     probe = fused.fusedce_probe
     assert probe["status"] == "measured" and probe["method"] == "live_tensor_tracker"
     # stock head holds [tokens x vocab] fp32 logits (and their gradient); the fused head must stay below it
