@@ -1,0 +1,74 @@
+"""One rank of a 2-process CPU (gloo) FSDP2 run (`torch.distributed.fsdp.fully_shard`) of a patched tiny Llama.
+
+accelerate 1.15 only enables FSDP for GPU-family distributed types (with `use_cpu` the fsdp2.yaml config silently
+runs DDP), so on CPU the sharding is applied by hand the way accelerate's FSDP2 does it: one group per decoder
+layer, then the root (final norm + lm_head, + the embedding when tied). Launched with torchrun. The loop is what
+Trainer does with average_tokens_across_devices and gradient accumulation 2: num_items_in_batch is the global
+count of the step's tokens, each micro-batch's loss is multiplied by the world size, FSDP2 averages the gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _trainer_worker import GRAD_ACC, PER_DEVICE, build_model, samples  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--tied", type=int, default=1)
+    p.add_argument("--backend", default="torch")
+    a = p.parse_args(argv)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_fusedce
+    from hf_fusedce.hf.forward import COUNTERS
+
+    model = build_model(bool(a.tied))
+    model.train()
+    hf_fusedce.patch(model, backend=a.backend)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    w = model.get_output_embeddings().weight
+    kind = type(w).__name__ + ("/" + str(w.placements) if hasattr(w, "placements") else "")
+    data = samples()
+    global_bs = PER_DEVICE * world
+    micro = []
+    for m in range(GRAD_ACC):  # the first optimizer step: global micro-batches 0 and 1
+        chunk = data[m * global_bs:(m + 1) * global_bs]
+        mine = chunk[rank * PER_DEVICE:(rank + 1) * PER_DEVICE]
+        micro.append({k: torch.stack([s[k] for s in mine]) for k in mine[0]})
+    local = torch.tensor(sum(int(mb["labels"][..., 1:].ne(-100).sum()) for mb in micro))
+    dist.all_reduce(local)
+    n_items = int(local)
+    records = []
+    for mb in micro:
+        out = model(**mb, num_items_in_batch=torch.tensor(n_items))
+        loss = out.loss * world
+        loss.backward()
+        records.append({"input_ids": mb["input_ids"], "labels": mb["labels"], "loss": loss.item(),
+                        "num_items_in_batch": n_items, "step": 0})
+    grads = {}
+    for name, prm in model.named_parameters():
+        g = prm.grad
+        grads[name] = None if g is None else (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    w_after = model.get_output_embeddings().weight
+    kind_after = type(w_after).__name__
+    torch.save({"records": records, "grads": grads, "head_weight_kind": kind, "head_weight_kind_after": kind_after,
+                "world_size": world, "fused_calls": COUNTERS["fused"], "wrapped": type(model).__name__,
+                "model_class": type(model).__name__}, os.path.join(a.out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
