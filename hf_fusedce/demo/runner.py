@@ -2,6 +2,7 @@
 stock loss head and fused, same seed and steps; show that the loss curves agree and what memory each used."""
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -110,6 +111,10 @@ def run_one(label: str, fused: bool, opt: DemoOptions, dataset, vocab_size: int)
     seconds = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "loss" in h]
     summary = trainer.fusedce_summary
+    del trainer, model  # free this run's weights and optimizer before the next run measures its peak
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     training = summary["training"]
     step_peak = training.get("step_peak_tensor_mib_max") if device == "cpu" else training.get("peak_alloc_mib_max")
     return {
@@ -209,8 +214,11 @@ def plot(res: dict, path: str) -> str:
 def run_demo(opt: DemoOptions) -> dict:
     import torch
 
+    import datasets
+
     t_start = time.perf_counter()
     os.makedirs(opt.out, exist_ok=True)
+    datasets.disable_progress_bars()  # data prep takes a second; keep the output to the two training bars
     if _device(opt) == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
