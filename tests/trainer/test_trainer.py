@@ -218,3 +218,29 @@ def test_lora_run_trains(tmp_path):
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed
     assert t.fusedce_probe["status"] == "measured"
+
+
+def test_probe_uses_a_synthetic_weight_when_the_real_one_is_partitioned(tmp_path):
+    """ZeRO-3 leaves an empty partition outside the module's hooks (numel 0, the shape in `ds_shape`)."""
+    from hf_fusedce import FusedCETrainer
+
+    t = FusedCETrainer(model=_tiny_model(), args=_args(tmp_path, "z3", max_steps=1), train_dataset=_dataset(4),
+                       data_collator=_collate)
+    empty = torch.nn.Parameter(torch.empty(0))
+    empty.ds_shape = (VOCAB, 64)
+    t.model.lm_head.weight = empty
+    w, source = t._fce_head_weight()
+    assert tuple(w.shape) == (VOCAB, 64) and source.startswith("synthetic")
+    labels = torch.full((2, 16), 5)
+    probe = t._fce_run_probe({"input_ids": labels, "labels": labels})
+    assert probe["status"] == "measured" and probe["stock_peak_bytes"] > 0 and probe["fused_peak_bytes"] > 0
+    assert probe["weight_source"].startswith("synthetic") and probe["vocab_size"] == VOCAB
+
+
+def test_model_init_is_patched(tmp_path):
+    from hf_fusedce import FusedCETrainer, is_patched
+
+    t = FusedCETrainer(model_init=lambda: _tiny_model(), args=_args(tmp_path, "init", max_steps=2), train_dataset=_dataset(8),
+                       data_collator=_collate)
+    t.train()
+    assert is_patched(t.model) and len(_losses(t)) == 2
