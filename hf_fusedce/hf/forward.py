@@ -56,7 +56,7 @@ def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args
     loss, logits = _head_loss(model, spec, options, head, hidden, call)
     aux = _router_aux(model, spec, call, base_out)
     if aux is not None:
-        loss = loss + resolve(model, "router_aux_loss_coef") * aux.to(loss.device)
+        loss = loss + resolve(model, spec.router_aux) * aux.to(loss.device)
     out = _output(original, base_out, loss, logits, aux)
     return_dict = call.get("return_dict")
     if return_dict is None:

@@ -8,8 +8,8 @@ them) and then has to reproduce what the stock forward does *after* it. That is 
 - ``logit_mul`` / ``logit_div``: path of a factor the logits are multiplied / divided by  (Cohere, Granite...)
 - ``vocab_slice``: config path of the vocabulary size the logits are cut to  (padded vocabularies)
 - ``z_loss``: path of Bamba's coefficient c adding c * mean over all positions of logsumexp(z)^2
-- ``router_aux``: MoE router load-balancing loss added as ``router_aux_loss_coef * aux`` (Mixtral family,
-  when ``output_router_logits``); computed by the model module's own ``load_balancing_loss_func``
+- ``router_aux``: path of the coefficient c of the MoE router load-balancing loss added as ``c * aux``
+  (Mixtral family, when ``output_router_logits``); aux from the model module's own ``load_balancing_loss_func``
 - ``shift=False``: the model's loss is ``CrossEntropyLoss`` on *unshifted* labels (BART-style decoders), so
   ``num_items_in_batch`` is ignored as stock does
 - ``pre_head``: documentation of what the model applies before its head (already inside the captured hidden)
@@ -31,7 +31,7 @@ class HeadSpec:
     logit_div: str | None = None
     vocab_slice: str | None = None
     z_loss: str | None = None
-    router_aux: bool = False
+    router_aux: str | None = None
     shift: bool = True
     pre_head: str | None = None
 
@@ -42,7 +42,7 @@ class HeadSpec:
 
 PLAIN = HeadSpec()
 _SOFTCAP = HeadSpec(softcap="text_config.final_logit_softcapping")
-_AUX = HeadSpec(router_aux=True)
+_AUX = HeadSpec(router_aux="router_aux_loss_coef")
 _UNSHIFTED = HeadSpec(shift=False)
 
 # Families whose forward is `logits = head(hidden)` followed by the stock ForCausalLMLoss.
@@ -62,7 +62,7 @@ xglm xlm-roberta xlm-roberta-xl xmod youtu zamba zamba2 zaya
 _SOFTCAP_TYPES = """beam gemma2 gemma3_text gemma3n gemma3n_text gemma4 gemma4_text gemma4_unified
 gemma4_unified_text nanochat vaultgemma""".split()
 
-_AUX_TYPES = """dbrx deepseek_v4 ernie4_5_moe flex_olmo flint gpt_oss jamba jetmoe laguna mellum minimax
+_AUX_TYPES = """dbrx deepseek_v4 ernie4_5_moe flex_olmo flint gpt_oss jamba laguna mellum minimax
 minimax_m2 minimax_m3_vl_text mixtral olmoe phimoe qwen2_moe qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next
 qwen4_exp qwen4_exp_text""".split()
 
@@ -83,12 +83,13 @@ HEADS: dict[str, HeadSpec] = {
     "falcon_h1": HeadSpec(logit_mul="model.lm_head_multiplier"),
     "granite": HeadSpec(logit_div="config.logits_scaling"),
     "granite_swa": HeadSpec(logit_div="config.logits_scaling"),
-    "granitemoe": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
-    "granitemoe_swa": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
-    "granitemoehybrid": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
-    "granitemoeshared": HeadSpec(logit_div="config.logits_scaling", router_aux=True),
+    "granitemoe": HeadSpec(logit_div="config.logits_scaling", router_aux="router_aux_loss_coef"),
+    "granitemoe_swa": HeadSpec(logit_div="config.logits_scaling", router_aux="router_aux_loss_coef"),
+    "granitemoehybrid": HeadSpec(logit_div="config.logits_scaling", router_aux="router_aux_loss_coef"),
+    "granitemoeshared": HeadSpec(logit_div="config.logits_scaling", router_aux="router_aux_loss_coef"),
     "minicpm3": HeadSpec(pre_head="hidden / config.logits_scaling"),
     "bamba": HeadSpec(z_loss="z_loss_coefficient"),
+    "jetmoe": HeadSpec(router_aux="aux_loss_coef"),
 }
 
 # Families whose loss head the table cannot express exactly: patching them is refused.
@@ -115,5 +116,16 @@ def resolve(model, path: str):
     return functools.reduce(getattr, rest, obj)
 
 
-def spec_for(model_type: str) -> HeadSpec | None:
-    return HEADS.get(model_type)
+def model_type_of(model) -> str | None:
+    """The causal-LM mapping's model type for a model: its config's, or (for text sub-configs such as
+    `mllama_text_model`) the mapping entry of its class."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in HEADS or model_type in REFUSED:
+        return model_type
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    names = {c.__name__ for c in type(model).__mro__}
+    return next((t for t, n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n in names and t in HEADS), model_type)
+
+
+def spec_for(model) -> HeadSpec | None:
+    return HEADS.get(model_type_of(model))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
+import types
 import warnings
 
 from .forward import FusedOptions, generic_forward
-from .heads import HEADS, PLAIN, REFUSED, HeadSpec
+from .heads import HEADS, PLAIN, REFUSED, HeadSpec, model_type_of
 
-_ATTR = "_hf_fusedce"  # instance attribute: (had_own_forward, saved_forward)
 _CLASS_PATCHES: dict[type, object] = {}  # class -> its own stock `forward` function
 _GLOBAL: dict = {}  # while patch() is active: {"options":..., "post_init": stock post_init}
 
@@ -33,7 +34,7 @@ def _target(model):
 
 
 def _spec(model, force: bool) -> HeadSpec:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type_of(model)
     if model.get_output_embeddings() is None:
         raise ValueError(f"hf_fusedce: {type(model).__name__} has no output embeddings: not a causal LM head")
     spec = HEADS.get(model_type)
@@ -52,6 +53,40 @@ def _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits
     return FusedOptions(backend, chunk_budget_bytes, float(z_loss), float(label_smoothing), bool(return_logits))
 
 
+class PatchedForward:
+    """The instance `forward` of a patched model. A small object rather than a closure so that
+    `copy.deepcopy(model)` rebinds it to the copy (deepcopy's memo maps `.model` to the new model) and
+    `pickle` / `torch.save` work. `__signature__` is the stock forward's: `generate` and Trainer inspect it
+    for `logits_to_keep` and `**kwargs`."""
+
+    __hf_fusedce__ = True
+
+    def __init__(self, model, spec: HeadSpec, options: FusedOptions, own_forward=None):
+        self.model, self.spec, self.options = model, spec, options
+        self.own_forward = own_forward  # a forward the instance already had (e.g. accelerate's wrapper)
+
+    def original(self):
+        if self.own_forward is not None:
+            return self.own_forward
+        return types.MethodType(type(self.model).forward, self.model)  # dynamo traces this (not __get__)
+
+    def __call__(self, *args, **kwargs):
+        return generic_forward(self.model, self.original(), self.spec, self.options, args, kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original())
+
+    @property
+    def __doc__(self):
+        return self.original().__doc__
+
+
+def _installed(target) -> PatchedForward | None:
+    fwd = target.__dict__.get("forward")
+    return fwd if isinstance(fwd, PatchedForward) else None
+
+
 def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None = None, z_loss: float = 0.0,
           label_smoothing: float = 0.0, return_logits: bool = False, force: bool = False):
     """Make `model`'s training loss use the fused op (returns `model`); no model: every causal-LM class.
@@ -66,24 +101,12 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
         return None
     target = _target(model)
     spec = _spec(target, force)
-    if _ATTR in target.__dict__:  # patching twice == once: only the options are refreshed
-        had_own, saved = target.__dict__[_ATTR]
-        _install(target, saved if had_own else type(target).forward.__get__(target), spec, options)
+    current = _installed(target)
+    if current is not None:  # patching twice == once: only the options are refreshed
+        current.spec, current.options = spec, options
         return model
-    had_own = "forward" in target.__dict__
-    original = target.__dict__["forward"] if had_own else target.forward
-    target.__dict__[_ATTR] = (had_own, original)
-    _install(target, original, spec, options)
+    target.forward = PatchedForward(target, spec, options, target.__dict__.get("forward"))
     return model
-
-
-def _install(target, original, spec, options):
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return generic_forward(target, original, spec, options, args, kwargs)
-
-    forward.__hf_fusedce__ = True
-    target.forward = forward
 
 
 def unpatch(model=None):
@@ -92,25 +115,24 @@ def unpatch(model=None):
         _unpatch_classes()
         return None
     target = _target(model)
-    state = target.__dict__.pop(_ATTR, None)
-    if state is not None:
-        had_own, saved = state
-        if had_own:
-            target.forward = saved
+    current = _installed(target)
+    if current is not None:
+        if current.own_forward is not None:
+            target.forward = current.own_forward
         else:
-            target.__dict__.pop("forward", None)
+            del target.__dict__["forward"]
     return model
 
 
 def is_patched(model) -> bool:
     target = _target(model)
-    return _ATTR in target.__dict__ or any(cls in _CLASS_PATCHES for cls in type(target).__mro__)
+    return _installed(target) is not None or any(cls in _CLASS_PATCHES for cls in type(target).__mro__)
 
 
 @contextlib.contextmanager
 def patched(model, **options):
     """`with patched(model): ...` patches for the block only (a model already patched stays patched)."""
-    was = _ATTR in _target(model).__dict__
+    was = _installed(_target(model)) is not None
     patch(model, **options)
     try:
         yield model
@@ -135,9 +157,9 @@ def _patch_class(cls, options):
 
     @functools.wraps(stock)
     def forward(self, *args, **kwargs):
-        spec = HEADS.get(getattr(self.config, "model_type", None))
+        spec = HEADS.get(model_type_of(self))
         bound = stock.__get__(self)
-        if spec is None or _ATTR in self.__dict__:
+        if spec is None or _installed(self) is not None:
             return bound(*args, **kwargs)
         return generic_forward(self, bound, spec, _GLOBAL["options"], args, kwargs)
 
@@ -160,7 +182,7 @@ def _patch_classes(options):
         @functools.wraps(stock_post_init)
         def post_init(self, *args, **kwargs):
             result = stock_post_init(self, *args, **kwargs)
-            if type(self).__name__ in names and HEADS.get(getattr(self.config, "model_type", None)):
+            if type(self).__name__ in names and HEADS.get(model_type_of(self)):
                 _patch_class(type(self), _GLOBAL["options"])
             return result
 

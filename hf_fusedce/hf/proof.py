@@ -1,0 +1,276 @@
+"""The equality proof shared by tests/hf and `hf-fusedce check`: patched vs stock, loss and every gradient.
+
+For a model type: build a tiny random config from the config class's defaults (size fields shrunk, quirk
+values set to non-trivial numbers so they are exercised), then for tied and untied heads (where the family
+allows), with ignored tokens, once with the mean and once with `num_items_in_batch`, compare the patched
+loss and every parameter gradient to the stock ones by relative error (float32, backend="torch").
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+
+import torch
+
+from .heads import HEADS, REFUSED
+
+TOL = 1e-5
+# Relative errors are taken against max(|stock|, FLOOR): gradients that are analytically zero (attention key
+# biases: softmax is shift invariant) are float noise (~1e-9) on both sides, and a relative error of noise
+# means nothing. Any real gradient in these tiny models has norm >> FLOOR.
+FLOOR = 1e-4
+VOCAB = 97  # odd, small: exercises ragged chunks
+SEQ, BATCH = 10, 2
+
+# Size fields shrunk to these values (never increased: a small default stays).
+SIZES = {
+    "hidden_size": 32, "d_model": 32, "n_embd": 32, "dim": 32, "embed_dim": 32, "embedding_size": 32,
+    "intermediate_size": 64, "ffn_dim": 64, "n_inner": 64, "decoder_ffn_dim": 64, "encoder_ffn_dim": 64,
+    "ffn_hidden_size": 64, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "expert_intermediate_size": 32, "mlp_hidden_size": 64, "dense_intermediate_size": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "decoder_layers": 2, "encoder_layers": 2,
+    "num_attention_heads": 4, "n_head": 4, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 8, "attention_head_dim": 8, "num_heads": 4,
+    "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_k": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
+    "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+    "qk_head_dim": 16, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4,
+    "state_size": 8, "ssm_state_size": 8, "d_state": 8, "expand": 2, "conv_kernel": 4, "mamba_d_state": 8,
+    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "n_groups": 1, "mamba_n_groups": 1,
+    "time_step_rank": 4, "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8, "first_k_dense_replace": 1, "sliding_window": 16, "hidden_size_per_head": 8,
+    "intermediate_size_mlp": 64, "num_kv_heads": 2, "multi_query_group_num": 2, "kv_channels": 8,
+    "rotary_dim": 8, "rotary_emb_dim": 8, "image_size": 32, "patch_size": 8, "num_channels": 3,
+    "vision_output_dim": 32, "text_hidden_size": 32, "num_global_layers": 1, "chunk_size": 16,
+    "attention_chunk_size": 16, "local_attention": 16, "attention_window_size": 16, "block_size": 16,
+}
+# Quirk values set to non-trivial numbers so the table entry is really exercised.
+QUIRK_VALUES = {"logits_scaling": 2.5, "lm_head_multiplier": 0.7, "logit_scale": 0.3, "z_loss_coefficient": 0.01,
+                "output_router_logits": True, "final_logit_softcapping": 3.0, "logits_soft_cap": 3.0,
+                "router_aux_loss_coef": 0.05}
+_NO_DROPOUT = ("dropout", "dropout_rate", "dropout_prob", "_pdrop", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+class StockFailed(Exception):
+    """The unpatched model itself cannot run the tiny batch: nothing to compare against (skipped)."""
+
+
+@dataclasses.dataclass
+class ProofResult:
+    model_type: str
+    status: str  # proven | failed | skipped | refused
+    reason: str = ""
+    class_name: str = ""
+    variants: list = dataclasses.field(default_factory=list)  # e.g. ["untied", "tied"]
+    max_rel_err: float = 0.0
+    n_params: int = 0
+    seconds: float = 0.0
+
+
+def causal_lm_types() -> dict[str, str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+# Per-family config settings the generic shrink cannot guess (the family's own constraints).
+FAMILY_CONFIG = {
+    "reformer": {"is_decoder": True, "axial_pos_shape": [4, 16], "axial_pos_embds_dim": [16, 16]},
+    "mamba2": {"num_heads": 8, "head_dim": 8},
+}
+# Per-family preparation of a built model before the proof (inputs it needs that are not ids).
+FAMILY_PREP = {"xmod": lambda m: m.set_default_language("en_XX")}
+LAYERS = SIZES["num_hidden_layers"]
+
+
+def _layer_list(values: list, n: int) -> list:
+    """A per-layer list cut to n layers, keeping one layer of each distinct kind first (hybrid models)."""
+    order = sorted(range(len(values)), key=lambda i: (values.index(values[i]) != i, i))
+    return [values[i] for i in sorted(order[:n])]
+
+
+def _shrunk_kwargs(defaults: dict, config_cls=None) -> dict:
+    kw = {}
+    n_layers = next((defaults[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if
+                     isinstance(defaults.get(k), int)), None)
+    for key, value in defaults.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, list) and n_layers and len(value) == n_layers and n_layers > LAYERS:
+            value = _layer_list(value, LAYERS)
+            if key in SIZES:
+                value = [min(v, SIZES[key]) if isinstance(v, int) else v for v in value]
+            kw[key] = value
+            continue
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            kw[key] = {k: v for k, v in value.items() if int(k) < LAYERS}  # per-layer overrides
+            continue
+        if key in SIZES and isinstance(value, int) and value > SIZES[key]:
+            kw[key] = SIZES[key]
+        elif key in QUIRK_VALUES and value is not None and not isinstance(value, (dict, list)):
+            kw[key] = QUIRK_VALUES[key]
+        elif key == "output_router_logits":
+            kw[key] = True
+        elif any(key.endswith(s) for s in _NO_DROPOUT) and isinstance(value, float):
+            kw[key] = 0.0
+        elif (key.endswith("_token_id") or key.endswith("_token_index")) and isinstance(value, int) \
+                and value >= VOCAB:
+            kw[key] = VOCAB - 1 - (abs(hash(key)) % 8)
+        elif isinstance(value, dict) and key.endswith("_config"):
+            kw[key] = {**value, **_shrunk_kwargs(value)}
+    if defaults.get("num_key_value_heads") and defaults.get("num_key_value_heads") == defaults.get(
+            "num_attention_heads"):  # no GQA in this family (e.g. MLA): keep kv heads == heads
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", defaults["num_attention_heads"])
+    if "output_router_logits" in defaults:
+        kw["output_router_logits"] = True
+    return kw
+
+
+def tiny_config(model_type: str, tie: bool | None = None):
+    from transformers import CONFIG_MAPPING
+    cls = CONFIG_MAPPING[model_type]
+    defaults = cls().to_dict()
+    kw = _shrunk_kwargs(defaults)
+    if tie is not None:
+        kw["tie_word_embeddings"] = tie
+        for key in kw:
+            if key == "text_config" and isinstance(kw[key], dict):
+                kw[key]["tie_word_embeddings"] = tie
+    kw.update(FAMILY_CONFIG.get(model_type, {}))
+    config = cls(**kw)
+    for key in ("_attn_implementation",):
+        setattr(config, key, "eager")
+    return config
+
+
+def build(model_type: str, tie: bool | None = None, seed: int = 0):
+    import transformers
+    config = tiny_config(model_type, tie)
+    cls = getattr(transformers, causal_lm_types()[model_type])
+    torch.manual_seed(seed)
+    try:
+        model = cls(config)
+    except Exception:  # a text-only causal LM mapped from a composite config (e.g. llama4): its text config
+        if config.get_text_config() is config:
+            raise
+        torch.manual_seed(seed)
+        model = cls(config.get_text_config())
+    model = model.float().eval()  # eval: no dropout; gradients still flow
+    FAMILY_PREP.get(model_type, lambda m: None)(model)
+    return model
+
+
+def _special_ids(config) -> set[int]:
+    ids = set()
+    for cfg in (config, *[v for v in vars(config).values() if hasattr(v, "to_dict")]):
+        for key, value in vars(cfg).items():
+            if (key.endswith("_token_id") or key.endswith("_token_index")) and isinstance(value, int):
+                ids.add(value)
+            elif key.endswith("_token_id") and isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def batch(model, seed: int = 1):
+    """Random ids avoiding special tokens, labels with ignored positions."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = min(vocab, getattr(model.config.get_text_config(), "vocab_size", vocab) or vocab)
+    allowed = torch.tensor([i for i in range(vocab) if i not in _special_ids(model.config)])
+    g = torch.Generator().manual_seed(seed)
+    ids = allowed[torch.randint(0, len(allowed), (BATCH, SEQ), generator=g)]
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, -2] = -100
+    return ids, labels
+
+
+def _loss_and_grads(model, ids, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    grads = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
+    return out, grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=FLOOR))
+
+
+def compare(model, ids, labels, **kw) -> float:
+    """Patched vs stock on one batch: returns max relative error, raises AssertionError on a mismatch."""
+    from . import forward, patching
+    kw.setdefault("use_cache", False)  # training: no cache (hybrid caches also reject tiny layer mixes)
+    try:
+        stock_out, stock = _loss_and_grads(model, ids, labels, **kw)
+    except Exception as err:  # noqa: BLE001
+        raise StockFailed(f"stock forward fails on the tiny model: {type(err).__name__}: {err}") from err
+    before = forward.COUNTERS["fused"]
+    with patching.patched(model, backend="torch"):
+        out, ours = _loss_and_grads(model, ids, labels, **kw)
+    assert forward.COUNTERS["fused"] == before + 1, "the fused path did not run"
+    assert out.logits is None, "patched training forward returned logits"
+    errs = [rel_err(out.loss, stock_out.loss)]
+    for name, g in stock.items():
+        assert (g is None) == (ours[name] is None), f"gradient presence differs for {name}"
+        if g is not None:
+            errs.append(rel_err(ours[name], g))
+            assert errs[-1] <= TOL, f"grad {name}: rel err {errs[-1]:.2e}"
+    assert errs[0] <= TOL, f"loss {out.loss.item()} vs stock {stock_out.loss.item()}: rel err {errs[0]:.2e}"
+    return max(errs)
+
+
+def is_tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def prove(model_type: str) -> ProofResult:
+    start = time.perf_counter()
+    res = ProofResult(model_type, "proven", class_name=causal_lm_types().get(model_type, ""))
+    if model_type not in HEADS:
+        res.status, res.reason = "refused", REFUSED.get(model_type, "not in the quirk table")
+        return res
+    seen = set()
+    try:
+        for tie in (False, True):
+            try:
+                model = build(model_type, tie)
+            except Exception as err:  # noqa: BLE001 - reported as skipped with the reason
+                if seen:
+                    continue
+                res.status, res.reason = "skipped", f"cannot build tiny model: {type(err).__name__}: {err}"[:300]
+                return res
+            variant = "tied" if is_tied(model) else "untied"
+            if variant in seen:
+                continue
+            seen.add(variant)
+            ids, labels = batch(model)
+            res.max_rel_err = max(res.max_rel_err, compare(model, ids, labels))
+            if len(seen) == 1:  # num_items_in_batch once per family (the loss head is the same tied or not)
+                n_items = torch.tensor(int((labels[:, 1:] != -100).sum()) + 3)  # as from a larger accumulated batch
+                res.max_rel_err = max(res.max_rel_err, compare(model, ids, labels, num_items_in_batch=n_items))
+            res.variants.append(variant)
+            res.n_params = sum(p.numel() for p in model.parameters())
+    except StockFailed as err:
+        res.status, res.reason = ("skipped", str(err)[:300]) if not res.variants else (res.status, res.reason)
+    except AssertionError as err:
+        res.status, res.reason = "failed", str(err)[:300]
+    except Exception as err:  # noqa: BLE001
+        res.status, res.reason = "failed", f"{type(err).__name__}: {err}"[:300]
+    res.seconds = round(time.perf_counter() - start, 2)
+    return res
+
+
+def generate_equal(model_type: str, new_tokens: int = 6) -> bool:
+    """Greedy generate() of the patched model gives the stock tokens."""
+    from . import patching
+    model = build(model_type)
+    ids, _ = batch(model)
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(ids[:, :4]),
+              pad_token_id=0)
+    stock = model.generate(ids[:, :4], **kw)
+    with patching.patched(model, backend="torch"):
+        ours = model.generate(ids[:, :4], **kw)
+    return torch.equal(stock, ours)
