@@ -419,7 +419,9 @@ class FusedCETrainer(Trainer):
         probe = s.get("loss_head_probe") or self.fusedce_probe or {}
         lines = ["## Training memory", ""]
         patched = s.get("patched", self._fce_patched)
-        lines.append(f"Trained with [hf_fusedce](https://github.com/) `FusedCETrainer`; loss head "
+        import hf_fusedce
+
+        lines.append(f"Trained with `hf_fusedce` {hf_fusedce.__version__} `FusedCETrainer`; training loss head "
                      f"{'fused (the [tokens x vocab] logits were never materialized)' if patched else 'stock'}.")
         lines.append("")
 
