@@ -22,11 +22,14 @@ Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class Impl:
     name: str
     kind: str  # "ours" | "stock" | "peer" | "floor"
-    strategy: str  # free text recorded with each measurement
+    strategy: "str | Callable[[torch.device], str]"  # free text recorded with each measurement
     exact: bool  # exact gradients (as opposed to skipping small ones)
     _resolve: Callable[[torch.device], "Forward | str"] = field(repr=False)
     default: bool = True  # part of the default matrix
     cpu_opt_in: bool = False  # on CPU, measured only when named in --impls (interpreter-only there)
+
+    def describe(self, device: torch.device) -> str:
+        return self.strategy(device) if callable(self.strategy) else self.strategy
 
     def resolve(self, device: torch.device, explicit: bool = False) -> "Forward | str":
         """The forward, or a string "skipped: reason"."""
@@ -68,13 +71,15 @@ def _ours(backend: str):
     return resolve
 
 
-def _ours_strategy(backend: str) -> str:
-    from hf_fusedce.ops.chunking import DEFAULT_BUDGET_BYTES, ENV_BUDGET_MB
+def _ours_strategy(backend: str):
+    def describe(device) -> str:
+        from hf_fusedce.ops.chunking import ENV_BUDGET_MB, default_budget_bytes
 
-    env = os.environ.get(ENV_BUDGET_MB)
-    budget = f"{env} MiB (env)" if env else "default (" + ", ".join(
-        f"{k} {v >> 20} MiB" for k, v in DEFAULT_BUDGET_BYTES.items()) + ")"
-    return f"chunked, grads in forward, backend={backend}, chunk budget {budget}"
+        src = f"env {ENV_BUDGET_MB}" if os.environ.get(ENV_BUDGET_MB) else "default"
+        return (f"chunked, grads in forward, backend={backend}, "
+                f"chunk budget {default_budget_bytes(device) / 2**20:g} MiB ({src})")
+
+    return describe
 
 
 # ---------------------------------------------------------------- stock (what transformers does)

@@ -105,7 +105,7 @@ def write_markdown(doc: dict, out_dir: str) -> str:
                 continue
             lines.append(
                 f"| {r['N']} | {r['impl']} | {_num(r.get('fwd_bwd_ms'), '.2f')} | {_num(r.get('x_floor'), '.2f')} "
-                f"| {_num(r.get('tflops_6ndv'), '.1f')} | {_mib(r.get('peak_mem_bytes'))} "
+                f"| {_num(r.get('tflops_6ndv'), '.3g')} | {_mib(r.get('peak_mem_bytes'))} "
                 f"| {_mib(r.get('peak_above_grads_bytes'))} | {_err(r.get('loss_rel_err'))} "
                 f"| {_err(r.get('dh_rel_err'))} | {_err(r.get('dw_rel_err'))} | {r.get('status')} |")
         lines.append("")
@@ -153,6 +153,14 @@ _STYLE = {"floor": ("black", "--"), "stock": ("tab:red", "-"), "torch-lce": ("ta
           "cce-exact": ("tab:green", "-"), "ours-torch": ("tab:blue", ":"), "ours-triton": ("tab:blue", "-")}
 
 
+def _minor_label(y, _pos) -> str:
+    """Label the 2x and 5x minor ticks of a log axis, so spans under a decade still read."""
+    if y <= 0:
+        return ""
+    lead = f"{y:.0e}"[0]
+    return f"{y:g}" if lead in "25" else ""
+
+
 def write_plot(doc: dict, out_dir: str) -> str:
     import matplotlib
 
@@ -192,7 +200,7 @@ def write_plot(doc: dict, out_dir: str) -> str:
             ax.set_title(f"{shape} D={d} V={v} {dtype}: {title}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label))
         ax_t.legend(fontsize=7)
     fig.suptitle(f"hf-fusedce bench — {env.get('device')} — {env.get('date')} — torch {env.get('torch')}",
                  fontsize=10)

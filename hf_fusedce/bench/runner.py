@@ -202,7 +202,7 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                 log(f"[bench] {mode.name} {shape.name} N={n} D={shape.d} V={shape.v}")
                 if cfg.out_of_time():
                     for impl in impls:
-                        sink({**base, **_impl_fields(impl), "status": TIME_SKIP})
+                        sink({**base, **_impl_fields(impl, device), "status": TIME_SKIP})
                     continue
                 try:
                     h, w, y = make_inputs(shape, n, mode, device, cfg.seed)
@@ -211,7 +211,7 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                     err = None
                     free_memory(device)
                     for impl in impls:
-                        sink({**base, **_impl_fields(impl), "status": f"{status} (creating inputs)"})
+                        sink({**base, **_impl_fields(impl, device), "status": f"{status} (creating inputs)"})
                     continue
                 ref = None
                 if n in ref_ns and n * shape.v <= cfg.ref_max_logits:
@@ -225,7 +225,7 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                         free_memory(device)
                 for impl in impls:
                     fn = resolved[impl.name]
-                    rec = {**base, **_impl_fields(impl)}
+                    rec = {**base, **_impl_fields(impl, device)}
                     if isinstance(fn, str):
                         rec["status"] = fn
                     elif cfg.out_of_time():
@@ -238,8 +238,8 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                 free_memory(device)
 
 
-def _impl_fields(impl: Impl) -> dict:
-    return {"impl": impl.name, "kind": impl.kind, "strategy": impl.strategy, "exact_grads": impl.exact}
+def _impl_fields(impl: Impl, device) -> dict:
+    return {"impl": impl.name, "kind": impl.kind, "strategy": impl.describe(device), "exact_grads": impl.exact}
 
 
 def _brief(rec: dict) -> str:

@@ -27,7 +27,7 @@ CPU_SHAPES = {
     "cpu-d256-v16k": Shape("cpu-d256-v16k", 256, 16384),
     "cpu-d512-v32k": Shape("cpu-d512-v32k", 512, 32000),
 }
-CPU_NS = (1024, 2048)
+CPU_NS = (512, 1024)
 KNOWN_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
 
 

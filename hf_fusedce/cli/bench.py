@@ -22,7 +22,7 @@ def register(subparsers):
                    help="comma list of names (llama3-8b, qwen2.5-7b, gemma2-2b, d2048-v32k, cpu-d256-v16k, "
                         "cpu-d512-v32k) or DxV (512x32000); default: the issue-5 matrix on CUDA, small on CPU")
     p.add_argument("--n", default=None, help="comma list of token counts (default CUDA 4096,8192,16384,65536; "
-                                             "CPU 1024,2048)")
+                                             "CPU 512,1024)")
     p.add_argument("--impls", default=None, help="comma list from: " + _impl_names())
     p.add_argument("--dtype", default=None,
                    help="comma list of bf16, amp-bf16 (fp32 weights + bf16 autocast), fp32 "
@@ -121,6 +121,7 @@ def run(args) -> int:
     if args.from_json:
         doc = report.load(args.from_json)
         out = args.out or os.path.dirname(os.path.abspath(args.from_json))
+        os.makedirs(out, exist_ok=True)
         report.annotate(doc["records"])
         print(report.write_markdown(doc, out))
         print(report.write_plot(doc, out))
