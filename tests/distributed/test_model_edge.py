@@ -101,16 +101,9 @@ def _perturb(model):
             p.add_(0.05 * torch.randn_like(p))
 
 
-DEEPCOPY_BUG = ("hf_fusedce/hf/patching.py::_install stores a closure over `target` in the instance __dict__; "
-                "deepcopy keeps the function object, so the copy's forward runs the ORIGINAL model")
-PICKLE_BUG = ("hf_fusedce/hf/patching.py::_install: the functools.wraps'd local closure in the instance __dict__ "
-              "is not picklable (PicklingError: not the same object as LlamaForCausalLM.forward)")
-
-
-@pytest.mark.xfail(strict=True, reason=DEEPCOPY_BUG)
 def test_deepcopy_of_patched_model_is_patched_and_independent():
     """The copy must be patched, fused, and compute with ITS OWN weights (a forward closure that still points at
-    the original model would silently train the original)."""
+    the original model would silently train the original: the bug fixed in a4916a1)."""
     stock, fused = twins()
     clone = copy.deepcopy(fused)
     assert is_patched(clone)
@@ -136,7 +129,6 @@ def test_deepcopy_then_unpatch_copy_leaves_original_patched():
     assert COUNTERS["fused"] == before + 1
 
 
-@pytest.mark.xfail(strict=True, reason=PICKLE_BUG)
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
 def test_pickling_patched_model(how):
     """A patched model pickles (torch.save(model), multiprocessing, Ray...) and the loaded one trains like stock."""
