@@ -28,7 +28,12 @@ def _is_modules_to_save(m) -> bool:
 
 
 def _is_trainable_tokens(m) -> bool:
-    return hasattr(m, "token_adapter")
+    return hasattr(m, "token_adapter") or hasattr(m, "trainable_tokens_delta")
+
+
+def _token_layer(m):
+    """TrainableTokensWrapper holds the layer in `token_adapter`; a tied head is the layer itself."""
+    return getattr(m, "token_adapter", m)
 
 
 def _select(m) -> nn.Module:
@@ -47,7 +52,8 @@ def unsupported_reason(head: nn.Module) -> str | None:
             return "DoRA adapter on the output embeddings"
         return unsupported_reason(m.base_layer) if not isinstance(m.base_layer, nn.Linear) else None
     if _is_trainable_tokens(m):
-        return None if isinstance(m.token_adapter.base_layer, nn.Linear) else "trainable tokens on a non-Linear head"
+        base = _token_layer(m).base_layer
+        return None if isinstance(base, nn.Linear) else "trainable tokens on a non-Linear head"
     w = getattr(m, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return f"output embeddings module {type(m).__name__} has no 2-D weight"
@@ -60,7 +66,7 @@ def linear_parts(head: nn.Module, hidden: torch.Tensor):
     """(hidden', weight, bias) with head(hidden) == hidden' @ weight.T + bias."""
     m = _select(head)
     if _is_trainable_tokens(m):
-        tok = m.token_adapter
+        tok = _token_layer(m)
         active = [a for a in tok.active_adapters if a in tok.trainable_tokens_delta]
         if tok.disable_adapters or not active or tok.merged:
             return hidden, tok.base_layer.weight, tok.base_layer.bias

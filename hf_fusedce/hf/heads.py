@@ -123,8 +123,8 @@ def model_type_of(model) -> str | None:
     if model_type in HEADS or model_type in REFUSED:
         return model_type
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    names = {c.__name__ for c in type(model).__mro__}
-    return next((t for t, n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n in names and t in HEADS), model_type)
+    name = type(model).__name__  # the exact class: a subclass may have changed the forward
+    return next((t for t, n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n == name and t in HEADS), model_type)
 
 
 def spec_for(model) -> HeadSpec | None:

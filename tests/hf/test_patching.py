@@ -1,0 +1,170 @@
+"""Public API and behaviour of a patched model: idempotence, unpatch, context manager, refusal, signature,
+stock path without labels / in eval, tuple outputs, logits_to_keep, shift_labels, skip_logits, patch()."""
+import inspect
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import hf_fusedce
+from hf_fusedce.hf.forward import COUNTERS
+from hf_fusedce.hf.proof import rel_err
+
+
+def tiny():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 97, (2, 10), generator=g)
+    labels = ids.clone()
+    labels[1, :4] = -100
+    return ids, labels
+
+
+def test_patch_twice_is_once_and_unpatch_restores_exactly():
+    m = tiny()
+    assert "forward" not in m.__dict__
+    hf_fusedce.patch(m)
+    first = m.forward
+    assert hf_fusedce.patch(m) is m and m.forward is first and hf_fusedce.is_patched(m)
+    hf_fusedce.unpatch(m)
+    assert "forward" not in m.__dict__ and not hf_fusedce.is_patched(m)
+
+
+def test_unpatch_restores_a_forward_the_instance_already_had():
+    m = tiny()
+    own = m.forward
+    m.forward = own  # e.g. accelerate's wrapper
+    hf_fusedce.patch(m)
+    hf_fusedce.unpatch(m)
+    assert m.__dict__["forward"] is own
+
+
+def test_patched_context_manager():
+    m = tiny()
+    with hf_fusedce.patched(m):
+        assert hf_fusedce.is_patched(m)
+    assert not hf_fusedce.is_patched(m)
+
+
+def test_signature_keeps_logits_to_keep_and_kwargs():
+    m = hf_fusedce.patch(tiny())
+    params = inspect.signature(m.forward).parameters
+    assert "logits_to_keep" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class TotallyNewForCausalLM(LlamaForCausalLM):
+    pass
+
+
+def test_unknown_model_type_is_refused_unless_forced():
+    torch.manual_seed(0)
+    m = TotallyNewForCausalLM(tiny().config)
+    m.config.model_type = "totally_new_family"
+    with pytest.raises(ValueError, match="refusing"):
+        hf_fusedce.patch(m)
+    with pytest.warns(UserWarning, match="forced"):
+        hf_fusedce.patch(m, force=True)
+    assert hf_fusedce.is_patched(m)
+
+
+def test_refused_family_has_a_reason():
+    from hf_fusedce.hf.heads import REFUSED
+    m = tiny()
+    m.config.model_type = "musicgen"
+    with pytest.raises(ValueError, match="codebook"):
+        hf_fusedce.patch(m)
+
+
+def test_no_labels_and_eval_take_the_stock_path():
+    m = tiny()
+    ids, labels = data()
+    stock_logits = m(input_ids=ids).logits
+    hf_fusedce.patch(m)
+    before = dict(COUNTERS)
+    assert torch.equal(m(input_ids=ids).logits, stock_logits)
+    with torch.no_grad():
+        out = m(input_ids=ids, labels=labels)
+    assert out.logits is not None and torch.equal(out.logits, stock_logits)
+    assert COUNTERS["fused"] == before["fused"] and COUNTERS["stock"] == before["stock"] + 2
+
+
+def test_skip_logits_true_fuses_even_without_grad():
+    m = tiny()
+    ids, labels = data()
+    stock = m(input_ids=ids, labels=labels).loss
+    hf_fusedce.patch(m)
+    with torch.no_grad():
+        out = m(input_ids=ids, labels=labels, skip_logits=True)
+    assert out.logits is None and rel_err(out.loss, stock) <= 1e-5
+    assert m(input_ids=ids, labels=labels, skip_logits=False).logits is not None
+
+
+def test_tuple_output_and_positional_args():
+    m = tiny()
+    ids, labels = data()
+    stock = m(ids, labels=labels).loss
+    hf_fusedce.patch(m)
+    out = m(ids, None, None, None, None, labels, return_dict=False)
+    assert isinstance(out, tuple) and rel_err(out[0], stock) <= 1e-5
+
+
+def test_shift_labels_and_ignore_index():
+    m = tiny()
+    ids, labels = data()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    stock = m(input_ids=ids, labels=labels, shift_labels=shift).loss
+    hf_fusedce.patch(m)
+    assert rel_err(m(input_ids=ids, labels=labels, shift_labels=shift).loss, stock) <= 1e-5
+
+
+def test_logits_to_keep_slices_targets_like_hidden():
+    m = tiny()
+    ids, labels = data()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    stock = m(input_ids=ids, labels=labels, shift_labels=shift[:, -4:].contiguous(), logits_to_keep=4).loss
+    hf_fusedce.patch(m)
+    ours = m(input_ids=ids, labels=labels, shift_labels=shift, logits_to_keep=4).loss
+    assert rel_err(ours, stock) <= 1e-5
+
+
+def test_return_logits_option():
+    m = hf_fusedce.patch(tiny(), return_logits=True)
+    ids, labels = data()
+    out = m(input_ids=ids, labels=labels)
+    assert out.logits is not None and out.logits.shape == (2, 10, 97) and not out.logits.requires_grad
+
+
+def test_options_reach_the_op():
+    m = tiny()
+    ids, labels = data()
+    base = m(input_ids=ids, labels=labels).loss
+    hf_fusedce.patch(m, z_loss=1e-2, backend="torch", chunk_budget_bytes=4096)
+    assert m(input_ids=ids, labels=labels).loss > base
+
+
+def test_global_patch_covers_models_built_later_and_unpatch_restores():
+    stock_forward = GPT2LMHeadModel.forward
+    hf_fusedce.patch()
+    try:
+        torch.manual_seed(0)
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+        assert hf_fusedce.is_patched(m)
+        ids, labels = data()
+        before = COUNTERS["fused"]
+        loss = m(input_ids=ids, labels=labels).loss
+        assert COUNTERS["fused"] == before + 1
+        assert "logits_to_keep" in inspect.signature(m.forward).parameters
+    finally:
+        hf_fusedce.unpatch()
+    assert GPT2LMHeadModel.forward is stock_forward
+    assert rel_err(loss, m(input_ids=ids, labels=labels).loss) <= 1e-5
+
+
+def test_supported_model_types():
+    types = hf_fusedce.supported_model_types()
+    assert "llama" in types and "gpt2" in types and "musicgen" not in types

@@ -1,0 +1,118 @@
+"""PEFT: LoRA on the body, LoRA / modules_to_save / trainable tokens ON lm_head (tied and untied), DoRA fallback.
+Patched vs stock: loss and every trainable gradient, float32."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, TrainableTokensConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import hf_fusedce  # noqa: E402
+from hf_fusedce.hf.forward import COUNTERS  # noqa: E402
+from hf_fusedce.hf.proof import rel_err  # noqa: E402
+
+
+def tiny(tie):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg)
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (2, 10), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels
+
+
+def run(model, seed=11):
+    ids, labels = batch()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout stream for stock and patched
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(stock, fused):
+    loss_s, g_s = run(stock)
+    before = COUNTERS["fused"]
+    loss_f, g_f = run(fused)
+    assert COUNTERS["fused"] == before + 1
+    assert rel_err(loss_f, loss_s) <= 1e-5
+    assert g_s.keys() == g_f.keys() and g_s
+    for name in g_s:
+        assert rel_err(g_f[name], g_s[name]) <= 1e-5, name
+
+
+CONFIGS = {
+    "lora-body": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "lora-head": dict(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "lm_head"]),
+    "lora-head-bias": dict(r=4, lora_alpha=8, target_modules=["lm_head"], lora_bias=True),
+    "modules_to_save": dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("order", ["patch-after", "patch-before"])
+def test_lora_exact(name, tie, order):
+    kw = dict(CONFIGS[name])
+    if tie and name == "lora-head-bias":
+        pytest.skip("PEFT itself rejects lora_bias on the tied Embedding")
+    if tie and name != "lora-body":
+        kw["ensure_weight_tying"] = True
+    base = tiny(tie)
+    stock = get_peft_model(copy.deepcopy(base), LoraConfig(**kw))
+    stock.train()
+    if order == "patch-before":
+        fused = get_peft_model(hf_fusedce.patch(copy.deepcopy(base)), LoraConfig(**kw))
+    else:
+        fused = hf_fusedce.patch(get_peft_model(copy.deepcopy(base), LoraConfig(**kw)))
+    fused.load_state_dict(stock.state_dict())
+    with torch.no_grad():  # B starts at zero: make the adapter matter
+        for (n, p), (_, q) in zip(stock.named_parameters(), fused.named_parameters()):
+            if "lora_B" in n or "lora_A" in n:
+                p.normal_(0, 0.3)
+                q.copy_(p)
+    fused.train()
+    assert hf_fusedce.is_patched(fused)
+    assert_same(stock, fused)
+
+
+def test_frozen_base_head_gets_no_weight_gradient():
+    model = hf_fusedce.patch(get_peft_model(tiny(False), LoraConfig(r=4, target_modules=["q_proj"])))
+    _, grads = run(model)
+    assert not any("lm_head" in n for n in grads)
+    assert model.get_base_model().lm_head.weight.grad is None
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_trainable_tokens_on_head(tie):
+    cfg = TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 7])
+    base = tiny(tie)
+    stock = get_peft_model(copy.deepcopy(base), cfg)
+    fused = hf_fusedce.patch(get_peft_model(copy.deepcopy(base), cfg))
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(stock.named_parameters(), fused.named_parameters()):
+            if p.requires_grad:
+                p.normal_()
+                q.copy_(p)
+    assert_same(stock, fused)
+
+
+def test_dora_on_head_falls_back_to_stock_with_warning():
+    cfg = LoraConfig(r=4, target_modules=["lm_head"], use_dora=True)
+    base = tiny(False)
+    stock = get_peft_model(copy.deepcopy(base), cfg)
+    fused = hf_fusedce.patch(get_peft_model(copy.deepcopy(base), cfg))
+    loss_s, _ = run(stock)
+    before = COUNTERS["stock"]
+    with pytest.warns(UserWarning, match="DoRA"):
+        loss_f, _ = run(fused)
+    assert COUNTERS["stock"] > before and torch.equal(loss_f, loss_s)

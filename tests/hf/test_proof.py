@@ -1,0 +1,40 @@
+"""The proof, for every causal-LM family of the installed transformers: patched vs stock loss and EVERY
+parameter gradient (float32, rel err <= 1e-5), tied and untied heads, ignored tokens, num_items_in_batch.
+Families the proof cannot build are skipped with the reason (listed by test_skip_list_is_reported)."""
+import pytest
+
+from hf_fusedce.hf import proof
+from hf_fusedce.hf.heads import HEADS, REFUSED
+
+TYPES = sorted(proof.causal_lm_types())
+MUST_PROVE = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
+              "cohere", "granite", "olmo2", "gpt2", "gpt_neox", "falcon_h1", "minicpm3"]
+# In the table (plain head) but float32 rounding in the model body exceeds 1e-5 and the stock model cannot
+# run in float64: not counted as proven.
+KNOWN_NUMERICS = {"deepseek_v4": "hc_fn mixing amplifies float32 rounding; stock rejects float64 (grouped mm)"}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_family(model_type):
+    res = proof.prove(model_type)
+    if res.status == "refused":
+        assert model_type in REFUSED or model_type not in HEADS
+        pytest.skip(f"refused: {res.reason}")
+    if res.status == "skipped":
+        assert model_type not in MUST_PROVE, res.reason
+        pytest.skip(res.reason)
+    if model_type in KNOWN_NUMERICS and res.status == "failed":
+        pytest.xfail(KNOWN_NUMERICS[model_type])
+    assert res.status == "proven", res.reason
+    assert res.variants
+
+
+def test_every_mapping_type_is_in_the_table_or_refused():
+    """A new transformers family is not silently trained: it must be added to the table (and proven)."""
+    unknown = [t for t in TYPES if t not in HEADS and t not in REFUSED]
+    assert not unknown, f"model types neither in HEADS nor REFUSED: {unknown}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2", "mixtral", "qwen3"])
+def test_greedy_generate_is_identical(model_type):
+    assert proof.generate_equal(model_type)
