@@ -77,6 +77,29 @@ def _fused_op_kwargs(options: dict) -> dict:
     return {k: v for k, v in options.items() if k in accepted}
 
 
+class _HostWouldOOM(RuntimeError):
+    pass
+
+
+def stock_head_bytes_estimate(tokens: int, vocab: int, compute_dtype=torch.float32) -> int:
+    """Rough peak of a stock loss head (fwd+bwd): logits in the compute dtype, their fp32 copy when that is
+    narrower, log-softmax output and the logits gradient in fp32 (measured 2.9x tokens*vocab*4 in fp32)."""
+    es = torch.empty((), dtype=compute_dtype).element_size()
+    return int(tokens) * int(vocab) * (es + 12 + (4 if es < 4 else 0))
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -239,13 +262,20 @@ class FusedCETrainer(Trainer):
                 torch.cuda.empty_cache()
 
         # Stock head, as transformers computes it: logits = lm_head(h); ForCausalLMLoss upcasts to fp32.
+        # Host memory has no catchable OOM (the kernel kills the process): on CPU, a stock head that cannot
+        # fit in the available RAM is not run, and reported as not fitting (with the estimate).
+        need = stock_head_bytes_estimate(n, weight.shape[0], self._fce_compute_dtype(weight))
+        avail = available_host_bytes() if dev.type != "cuda" else None
         try:
+            if avail is not None and need > 0.8 * avail:
+                raise _HostWouldOOM(f"needs about {need / 2**30:.1f} GiB (estimated) with "
+                                    f"{avail / 2**30:.1f} GiB of RAM available; not run")
             with measure_peak(dev) as stock:
                 self._fce_stock_head(hidden, weight, targets, n_valid)
             out["stock_peak_bytes"] = int(stock.peak_bytes)
             out["stock_fits"] = True
             out["method"] = stock.method
-        except torch.OutOfMemoryError as err:
+        except (torch.OutOfMemoryError, _HostWouldOOM) as err:
             out["stock_peak_bytes"] = None
             out["stock_fits"] = False
             out["stock_error"] = f"stock head does not fit: {str(err).splitlines()[0]}"
@@ -268,6 +298,10 @@ class FusedCETrainer(Trainer):
             out["saved_bytes"] = None
             out["status"] = out["stock_error"]
         return out
+
+    def _fce_compute_dtype(self, weight) -> torch.dtype:
+        mp = getattr(self.accelerator, "mixed_precision", "no")
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, weight.dtype)
 
     def _fce_stock_head(self, hidden, weight, targets, n_valid):
         """Forward + backward of the stock head (what `ForCausalLMLoss` does after `lm_head`). The logits are
