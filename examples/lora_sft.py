@@ -56,7 +56,7 @@ def main(argv=None):
         output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16, report_to=args.report_to,
+        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16, report_to=args.report_to,
         save_strategy="no", ddp_find_unused_parameters=False, use_cpu=args.cpu or not torch.cuda.is_available(),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}))

@@ -38,7 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--lr_scheduler_type", default="constant", help="e.g. cosine for real runs")
+    p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--logging_steps", type=int, default=1)
+    p.add_argument("--eval_steps", type=int, default=None, help="default: half of max_steps, else 500")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -105,11 +108,11 @@ def main(argv=None):
         output_dir=args.output_dir, max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        lr_scheduler_type="constant" if args.max_steps and args.max_steps > 0 and args.max_steps < 50 else "cosine",
+        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
         logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16,
         report_to=args.report_to, save_strategy="no", ddp_find_unused_parameters=False,
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
-        eval_strategy="steps" if evald is not None else "no", eval_steps=max(args.max_steps // 2, 1),
+        eval_strategy="steps" if evald is not None else "no", eval_steps=args.eval_steps or (max(args.max_steps // 2, 1) if args.max_steps > 0 else 500),
         use_cpu=args.cpu or not torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0,
         disable_tqdm=True)
     trainer = FusedCETrainer(

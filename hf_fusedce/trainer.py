@@ -145,7 +145,12 @@ class FusedCETrainer(Trainer):
         from .hf.patching import is_patched, patch
 
         if not is_patched(model):
-            patch(model, **self.fusedce_config.patch_options)
+            try:
+                patch(model, **self.fusedce_config.patch_options)
+            except ValueError as err:
+                raise ValueError(f"{err}\nFusedCETrainer: pass fusedce_config=FusedCEConfig(patch_options="
+                                 "{'force': True}) to force it, or FusedCEConfig(enabled=False) for the stock "
+                                 "head.") from err
         self._fce_patched = True
         return model
 
