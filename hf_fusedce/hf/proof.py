@@ -196,7 +196,7 @@ def _loss_and_grads(model, ids, labels, **kw):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp(min=FLOOR))
 
 
@@ -281,6 +281,42 @@ def _retry_float64(res: ProofResult, model_type: str, float32_error: str) -> Non
         res.reason = f"float32: {float32_error}; exact in float64 (rel err <= {TOL64:g})"
     except Exception as err:  # noqa: BLE001
         res.status, res.reason = "failed", f"{float32_error}; float64: {type(err).__name__}: {err}"[:300]
+
+
+def prove_checkpoint(path: str, batches: int = 2, seq_len: int = 32, seed: int = 0) -> ProofResult:
+    """A local checkpoint in float32: synthetic batches of its tokenizer's ids (special tokens avoided)."""
+    from transformers import AutoModelForCausalLM
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    res = ProofResult(getattr(model.config, "model_type", "?"), "proven", class_name=type(model).__name__)
+    ids_pool = _tokenizer_ids(path, model)
+    g = torch.Generator().manual_seed(seed)
+    try:
+        for b in range(batches):
+            ids = ids_pool[torch.randint(0, len(ids_pool), (2, seq_len), generator=g)]
+            labels = ids.clone()
+            labels[0, : seq_len // 4] = -100
+            kw = {"num_items_in_batch": torch.tensor(int((labels[:, 1:] != -100).sum()) + 1)} if b % 2 else {}
+            res.max_rel_err = max(res.max_rel_err, compare(model, ids, labels, **kw))
+        res.variants.append("tied" if is_tied(model) else "untied")
+    except (AssertionError, StockFailed) as err:
+        res.status, res.reason = "failed", str(err)[:300]
+    except ValueError as err:  # refused by the table
+        res.status, res.reason = "refused", str(err)[:300]
+    res.seconds = round(time.perf_counter() - start, 2)
+    return res
+
+
+def _tokenizer_ids(path: str, model) -> torch.Tensor:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path)
+        special = set(tok.all_special_ids)
+        ids = sorted(i for i in set(tok.get_vocab().values()) if i < vocab and i not in special)
+    except Exception:  # noqa: BLE001 - no tokenizer saved: any non-special id of the model
+        ids = [i for i in range(vocab) if i not in _special_ids(model.config)]
+    return torch.tensor(ids)
 
 
 def generate_equal(model_type: str, new_tokens: int = 6) -> bool:

@@ -1,0 +1,35 @@
+"""`hf-fusedce check`: prove patched == stock (loss and every gradient) for model types or a local checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check", help="prove the patched loss and gradients equal stock",
+                              description=__doc__)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model-type", action="append", help="a transformers model type (repeatable)")
+    what.add_argument("--all", action="store_true", help="every causal-LM family of the installed transformers")
+    what.add_argument("--model", help="path of a local checkpoint (loaded in float32, CPU)")
+    p.add_argument("--batches", type=int, default=2, help="synthetic batches for --model")
+    p.add_argument("--seq-len", type=int, default=32, help="sequence length for --model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from hf_fusedce.hf import proof
+    if args.model:
+        results = [proof.prove_checkpoint(args.model, batches=args.batches, seq_len=args.seq_len)]
+    else:
+        types = sorted(proof.causal_lm_types()) if args.all else args.model_type
+        results = [proof.prove(t) for t in types]
+    for r in results:
+        variants = ",".join(r.variants) or "-"
+        print(f"{r.status:8s} {r.model_type:28s} {variants:22s} max_rel_err={r.max_rel_err:.1e} {r.reason}")
+    counts = {s: sum(r.status == s for r in results) for s in ("proven", "skipped", "refused", "failed")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 1 if counts["failed"] or (args.model and counts["proven"] == 0) else 0
