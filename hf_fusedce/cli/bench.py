@@ -159,14 +159,16 @@ def run(args) -> int:
     sink = report.ResultSink(out, _command_line(args), environment(device))
     log(f"[bench] device {sink.doc['environment']['device']}; writing to {out}")
 
-    if not args.skip_matrix:
-        run_matrix(shapes, ns, modes, impls, device, cfg, sink, explicit=bool(args.impls))
+    # Order: the short modes first, the long matrix last, so --time-budget trims the matrix's tail.
     if args.verify:
         from hf_fusedce.bench.verify import run_verify
 
         v_impls = impls if args.impls else [i for i in IMPLS.values() if i.kind == "ours"]
         run_verify(device, v_impls, sink, cases=verify_cases, seed=args.seed, explicit=bool(args.impls),
                    out_of_time=cfg.out_of_time)
+    written = []
+    if args.profile:
+        written += _profile(args, device, profile_case, shapes, ns, modes, out)
     if args.e2e:
         from hf_fusedce.bench.e2e import run_e2e
 
@@ -175,9 +177,8 @@ def run(args) -> int:
                 search=not args.e2e_no_search, max_seq=args.e2e_max_seq, repeats=max(1, args.e2e_repeats),
                 budget_bytes=None if args.e2e_budget_mib is None else int(args.e2e_budget_mib * 2**20),
                 seed=args.seed, out_of_time=cfg.out_of_time)
-    written = []
-    if args.profile:
-        written += _profile(args, device, profile_case, shapes, ns, modes, out)
+    if not args.skip_matrix:
+        run_matrix(shapes, ns, modes, impls, device, cfg, sink, explicit=bool(args.impls))
     written = sink.finish() + written
     for path in written:
         print(path)
