@@ -39,7 +39,10 @@ MiB = 2**20
 METRIC_KEYS = {
     "fusedce/tokens_per_sec": "input tokens (attention_mask sum, all ranks) per second of wall time in the interval",
     "fusedce/peak_alloc_mib": "CUDA: torch.cuda.max_memory_allocated in the interval (reset each log), max over ranks",
-    "fusedce/rss_mib": "CPU: resident set size of the process when logging (current, not a peak), max over ranks",
+    "fusedce/rss_peak_mib": "CPU (Linux): peak resident set size of the process in the interval (VmHWM, reset at "
+                            "each log through /proc/self/clear_refs), max over ranks",
+    "fusedce/rss_mib": "CPU where the peak cannot be reset: resident set size when logging (current, not a peak), "
+                       "max over ranks",
     "fusedce/step_peak_tensor_mib": "CPU with track_step_tensors: peak bytes of tensors allocated inside a training "
                                     "step (forward+backward, live-tensor tracker), max over steps and ranks",
     "fusedce/head_stock_peak_mib": "probe (measured once, first batch): stock loss head peak, fwd+bwd; -1 = does not fit",
@@ -100,14 +103,39 @@ def available_host_bytes() -> int | None:
     return None
 
 
+def _reset_rss_peak() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_peak_bytes() is not None
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _rss_bytes() -> int:
+    """Current RSS (Linux /proc/self/statm); elsewhere psutil when installed, else 0."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):  # not Linux
-        import resource
+    except (OSError, ValueError, AttributeError):
+        try:
+            import psutil
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return int(psutil.Process().memory_info().rss)
+        except Exception:
+            return 0
 
 
 def _unwrap_base(model):
@@ -163,6 +191,7 @@ class FusedCETrainer(Trainer):
         self.fusedce_summary: dict | None = None
         self._fce_intervals: list[dict] = []
         self._fce_t0: float | None = None
+        self._fce_mem_key: str | None = None
         self._fce_tokens = 0  # python int or device tensor, summed lazily
         self._fce_max_micro_tokens = 0
         self._fce_step_tensor_peak = 0
@@ -176,6 +205,9 @@ class FusedCETrainer(Trainer):
         dev = self._fce_device()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+            self._fce_mem_key = "fusedce/peak_alloc_mib"
+        else:
+            self._fce_mem_key = "fusedce/rss_peak_mib" if _reset_rss_peak() else "fusedce/rss_mib"
         self._fce_t0 = time.perf_counter()
         self._fce_tokens = 0
         self._fce_max_micro_tokens = 0
@@ -360,6 +392,8 @@ class FusedCETrainer(Trainer):
         # [tokens (sum over ranks), memory (max), step tensor peak (max), largest micro-batch (max)]
         if dev.type == "cuda":
             mem = float(torch.cuda.max_memory_allocated(dev))
+        elif self._fce_mem_key == "fusedce/rss_peak_mib":
+            mem = float(_rss_peak_bytes() or 0)
         else:
             mem = float(_rss_bytes())
         local = torch.stack([tokens.to(dev, torch.float64).reshape(()),
@@ -373,7 +407,7 @@ class FusedCETrainer(Trainer):
         else:
             tok_sum, mem, step_peak, micro = (float(x) for x in local.tolist())
         out = {"fusedce/tokens_per_sec": tok_sum / elapsed}
-        out["fusedce/peak_alloc_mib" if dev.type == "cuda" else "fusedce/rss_mib"] = mem / MiB
+        out[self._fce_mem_key] = mem / MiB
         if self.fusedce_config.track_step_tensors and dev.type != "cuda":
             out["fusedce/step_peak_tensor_mib"] = step_peak / MiB
         probe = self.fusedce_probe or {}
@@ -413,7 +447,7 @@ class FusedCETrainer(Trainer):
             if probe.get(k) is not None:
                 probe[k.replace("_bytes", "_mib")] = probe[k] / MiB
         dev = self._fce_device()
-        mem_key = "fusedce/peak_alloc_mib" if dev.type == "cuda" else "fusedce/rss_mib"
+        mem_key = getattr(self, "_fce_mem_key", None) or "fusedce/rss_mib"
         mems = [r[mem_key] for r in self._fce_intervals if mem_key in r]
         steps = [r["fusedce/step_peak_tensor_mib"] for r in self._fce_intervals if "fusedce/step_peak_tensor_mib" in r]
         cfg = asdict(self.fusedce_config)
@@ -481,6 +515,8 @@ class FusedCETrainer(Trainer):
         if t:
             if t.get("peak_alloc_mib_max") is not None:
                 lines.append(f"- Peak allocated device memory during training: {t['peak_alloc_mib_max']:,.1f} MiB")
+            if t.get("rss_peak_mib_max") is not None:
+                lines.append(f"- Peak process RSS during training: {t['rss_peak_mib_max']:,.1f} MiB")
             if t.get("rss_mib_max") is not None:
                 lines.append(f"- Process RSS at logging steps (max): {t['rss_mib_max']:,.1f} MiB")
             if t.get("step_peak_tensor_mib_max") is not None:
