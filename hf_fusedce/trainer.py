@@ -34,6 +34,7 @@ from transformers import Trainer
 from .memory import measure_peak
 
 MiB = 2**20
+MAX_INTERVALS_KEPT = 2000
 
 # Every key this trainer logs, and what it is. Keys present depend on the device (see each line).
 METRIC_KEYS = {
@@ -50,6 +51,9 @@ METRIC_KEYS = {
     "fusedce/head_saved_mib_measured": "probe: stock minus fused head peak on the first batch (measured)",
     "fusedce/head_saved_mib_est": "estimate for the interval's largest micro-batch: the measured saving scaled by "
                                   "its token count over the probe's (stock head memory is linear in tokens)",
+    "fusedce/head_saved_mib_analytic": "only when the stock head does not fit: a formula's stock-head size for the "
+                                       "interval's largest micro-batch (tokens*vocab*(logit bytes + 12)) minus the "
+                                       "measured fused peak: not measured",
 }
 
 
@@ -189,7 +193,9 @@ class FusedCETrainer(Trainer):
     def _fce_reset_state(self):
         self.fusedce_probe: dict | None = None
         self.fusedce_summary: dict | None = None
-        self._fce_intervals: list[dict] = []
+        self._fce_intervals: list[dict] = []  # the last MAX_INTERVALS_KEPT, for the summary
+        self._fce_n_intervals = 0
+        self._fce_maxima: dict[str, float] = {}
         self._fce_t0: float | None = None
         self._fce_mem_key: str | None = None
         self._fce_tokens = 0  # python int or device tensor, summed lazily
@@ -289,7 +295,9 @@ class FusedCETrainer(Trainer):
         g = torch.Generator(device=dev).manual_seed(0)  # the global RNG is left untouched
         hidden = torch.randn(n, weight.shape[1], generator=g, device=dev, dtype=weight.dtype).requires_grad_()
         n_valid = max(int((targets != -100).sum()), 1)
-        out: dict[str, Any] = {"tokens": int(n), "label_tokens": n_valid}
+        compute_dtype = self._fce_compute_dtype(weight)
+        out: dict[str, Any] = {"tokens": int(n), "label_tokens": n_valid,
+                               "compute_dtype": str(compute_dtype).replace("torch.", "")}
         autocast = self.accelerator.autocast
 
         def clear():
@@ -301,7 +309,7 @@ class FusedCETrainer(Trainer):
         # Stock head, as transformers computes it: logits = lm_head(h); ForCausalLMLoss upcasts to fp32.
         # Host memory has no catchable OOM (the kernel kills the process): on CPU, a stock head that cannot
         # fit in the available RAM is not run, and reported as not fitting (with the estimate).
-        need = stock_head_bytes_estimate(n, weight.shape[0], self._fce_compute_dtype(weight))
+        need = stock_head_bytes_estimate(n, weight.shape[0], compute_dtype)
         avail = available_host_bytes() if dev.type != "cuda" else None
         try:
             if avail is not None and need > 0.8 * avail:
@@ -419,9 +427,18 @@ class FusedCETrainer(Trainer):
                 out["fusedce/head_saved_mib_measured"] = probe["saved_bytes"] / MiB
                 if probe.get("tokens") and micro > 0:
                     out["fusedce/head_saved_mib_est"] = probe["saved_bytes"] * (micro / probe["tokens"]) / MiB
+            elif probe.get("stock_fits") is False and probe.get("vocab_size") and micro > 0:
+                dtype = getattr(torch, probe.get("compute_dtype", "float32"), torch.float32)
+                stock_est = stock_head_bytes_estimate(int(micro), probe["vocab_size"], dtype)
+                out["fusedce/head_saved_mib_analytic"] = (stock_est - probe["fused_peak_bytes"]) / MiB
         record = {"step": self.state.global_step, "loss": logs.get("loss"), "seconds": elapsed, "tokens": tok_sum,
                   **{k: v for k, v in out.items() if not k.startswith("fusedce/head_")}}
         self._fce_intervals.append(record)
+        del self._fce_intervals[:-MAX_INTERVALS_KEPT]
+        self._fce_n_intervals += 1
+        for k, v in record.items():
+            if k.startswith("fusedce/") and k != "fusedce/tokens_per_sec":
+                self._fce_maxima[k] = max(self._fce_maxima.get(k, v), v)
         self._fce_total_tokens += tok_sum
         self._fce_train_seconds += elapsed
         self._fce_start_interval()
@@ -448,8 +465,6 @@ class FusedCETrainer(Trainer):
                 probe[k.replace("_bytes", "_mib")] = probe[k] / MiB
         dev = self._fce_device()
         mem_key = getattr(self, "_fce_mem_key", None) or "fusedce/rss_mib"
-        mems = [r[mem_key] for r in self._fce_intervals if mem_key in r]
-        steps = [r["fusedce/step_peak_tensor_mib"] for r in self._fce_intervals if "fusedce/step_peak_tensor_mib" in r]
         cfg = asdict(self.fusedce_config)
         cfg["patch_options"] = {k: repr(v) for k, v in cfg["patch_options"].items()}
         return {
@@ -465,10 +480,11 @@ class FusedCETrainer(Trainer):
                 "tokens": self._fce_total_tokens,
                 "logged_seconds": self._fce_train_seconds,
                 "tokens_per_sec": self._fce_total_tokens / self._fce_train_seconds if self._fce_train_seconds else None,
-                mem_key.split("/")[1] + "_max": max(mems) if mems else None,
-                "step_peak_tensor_mib_max": max(steps) if steps else None,
+                mem_key.split("/")[1] + "_max": self._fce_maxima.get(mem_key),
+                "step_peak_tensor_mib_max": self._fce_maxima.get("fusedce/step_peak_tensor_mib"),
             },
-            "intervals": self._fce_intervals,
+            "logged_intervals": self._fce_n_intervals,
+            "intervals": self._fce_intervals,  # the last MAX_INTERVALS_KEPT
             "metric_keys": METRIC_KEYS,
         }
 

@@ -199,6 +199,7 @@ def test_stock_head_that_does_not_fit_is_reported_not_raised(tmp_path, monkeypat
     assert probe["fused_peak_bytes"] > 0
     log = [h for h in t.state.log_history if "loss" in h][0]
     assert log["fusedce/head_stock_peak_mib"] == -1.0 and "fusedce/head_saved_mib_measured" not in log
+    assert log["fusedce/head_saved_mib_analytic"] > 0 and "fusedce/head_saved_mib_est" not in log
     assert "does not fit" in t.memory_report_markdown()
 
 
