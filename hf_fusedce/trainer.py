@@ -88,6 +88,18 @@ class _HostWouldOOM(RuntimeError):
     pass
 
 
+class _ProbeSkipped(Exception):
+    pass
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # older torch
+        return "DTensor" in type(t).__name__
+    return isinstance(t, DTensor) or "DTensor" in type(t).__name__
+
+
 def stock_head_bytes_estimate(tokens: int, vocab: int, compute_dtype=torch.float32) -> int:
     """Rough peak of a stock loss head (fwd+bwd): logits in the compute dtype, their fp32 copy when that is
     narrower, log-softmax output and the logits gradient in fp32 (measured 2.9x tokens*vocab*4 in fp32)."""
@@ -254,8 +266,7 @@ class FusedCETrainer(Trainer):
         head = base.get_output_embeddings()
         w = head.weight
         shape = tuple(getattr(w, "ds_shape", None) or w.shape)
-        cls = type(w).__name__
-        if w.numel() == 0 or "DTensor" in cls or tuple(w.shape) != shape:
+        if w.numel() == 0 or _is_dtensor(w) or tuple(w.shape) != shape:
             dev = self._fce_device()
             g = torch.Generator(device=dev).manual_seed(0)
             synth = torch.randn(shape, generator=g, device=dev, dtype=w.dtype) * 0.02
@@ -273,8 +284,7 @@ class FusedCETrainer(Trainer):
         try:
             ref = labels if labels is not None else ids
             if ref is None or ref.dim() != 2:
-                result["status"] = "skipped: batch has no 2-D labels/input_ids"
-                return result
+                raise _ProbeSkipped("skipped: batch has no 2-D labels/input_ids")
             ref = ref.to(dev)
             if labels is not None:  # what the model trains on: labels shifted left, -100 at the end of each row
                 tgt = F.pad(ref[:, 1:], (0, 1), value=-100).reshape(-1)
@@ -285,6 +295,8 @@ class FusedCETrainer(Trainer):
             result["weight_source"] = source
             result["vocab_size"], result["hidden_size"] = int(weight.shape[0]), int(weight.shape[1])
             result["dtype"] = str(weight.dtype).replace("torch.", "")
+        except _ProbeSkipped as why:
+            result["status"] = str(why)
         except Exception as err:  # a failing probe must never stop training
             result["status"] = f"probe failed: {type(err).__name__}: {err}"
         return self._fce_reduce_probe(result)
