@@ -87,6 +87,18 @@ def _installed(target) -> PatchedForward | None:
     return fwd if isinstance(fwd, PatchedForward) else None
 
 
+def _wrapped_patch(target) -> bool:
+    """A PatchedForward under someone else's wrapper (accelerate's autocast / fp32-output wrappers keep it in
+    their `__wrapped__` chain or closure)."""
+    fwd, seen = target.__dict__.get("forward"), 0
+    while fwd is not None and seen < 8:
+        if isinstance(fwd, PatchedForward):
+            return True
+        fwd = getattr(fwd, "__wrapped__", None) or getattr(fwd, "__func__", None)
+        seen += 1
+    return False
+
+
 def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None = None, z_loss: float = 0.0,
           label_smoothing: float = 0.0, return_logits: bool = False, force: bool = False):
     """Make `model`'s training loss use the fused op (returns `model`); no model: every causal-LM class.
@@ -126,7 +138,8 @@ def unpatch(model=None):
 
 def is_patched(model) -> bool:
     target = _target(model)
-    return _installed(target) is not None or any(cls in _CLASS_PATCHES for cls in type(target).__mro__)
+    return (_installed(target) is not None or _wrapped_patch(target)
+            or any(cls in _CLASS_PATCHES for cls in type(target).__mro__))
 
 
 @contextlib.contextmanager

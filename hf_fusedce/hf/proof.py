@@ -121,8 +121,8 @@ def _shrunk_kwargs(defaults: dict, config_cls=None) -> dict:
             kw[key] = VOCAB - 1 - (abs(hash(key)) % 8)
         elif isinstance(value, dict) and key.endswith("_config"):
             kw[key] = {**value, **_shrunk_kwargs(value)}
-    if defaults.get("num_key_value_heads") and defaults.get("num_key_value_heads") == defaults.get(
-            "num_attention_heads"):  # no GQA in this family (e.g. MLA): keep kv heads == heads
+    kv = defaults.get("num_key_value_heads", 0)
+    if kv is None or (kv and kv == defaults.get("num_attention_heads")):  # no GQA (MHA, MLA): kv heads == heads
         kw["num_key_value_heads"] = kw.get("num_attention_heads", defaults["num_attention_heads"])
     if "output_router_logits" in defaults:
         kw["output_router_logits"] = True

@@ -168,3 +168,15 @@ def test_global_patch_covers_models_built_later_and_unpatch_restores():
 def test_supported_model_types():
     types = hf_fusedce.supported_model_types()
     assert "llama" in types and "gpt2" in types and "musicgen" not in types
+
+
+def test_accelerate_prepare_keeps_the_patch():
+    """accelerate wraps `model.forward` (autocast + fp32 outputs): still patched, still fused."""
+    accelerate = pytest.importorskip("accelerate")
+    m = hf_fusedce.patch(tiny())
+    m = accelerate.Accelerator(cpu=True, mixed_precision="bf16").prepare(m)
+    assert hf_fusedce.is_patched(m)
+    ids, labels = data()
+    before = COUNTERS["fused"]
+    assert m(input_ids=ids, labels=labels).loss.dtype == torch.float32
+    assert COUNTERS["fused"] == before + 1
