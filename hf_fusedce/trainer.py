@@ -181,6 +181,9 @@ class FusedCETrainer(Trainer):
             self._fce_patch(model)
         self._fce_reset_state()
         super().__init__(*args, **kwargs)
+        if self.fusedce_config.enabled and getattr(self.args, "use_liger_kernel", False):
+            raise ValueError("FusedCETrainer: use_liger_kernel=True would replace the fused forward with Liger's; "
+                             "use one of them (or FusedCEConfig(enabled=False) to keep Liger).")
 
     # ---- patching -------------------------------------------------------------------------------------------
     def _fce_patch(self, model):
