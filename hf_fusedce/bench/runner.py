@@ -173,6 +173,8 @@ def measure(impl: Impl, fn, h, w, y, mode: DtypeMode, device, cfg: BenchConfig, 
             "peak_above_grads_bytes": int(reading.peak_bytes) - grad_bytes,
             "mem_method": reading.method,
         })
+        if hasattr(os, "getloadavg"):  # per measurement: CPU timings drift with the machine's load
+            rec["loadavg_1m_at_measure"] = round(os.getloadavg()[0], 2)
         if impl.kind != "floor":
             rec["loss"] = float(loss.detach().float())
             if ref is not None:
