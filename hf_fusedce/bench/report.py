@@ -161,6 +161,32 @@ def _minor_label(y, _pos) -> str:
     return f"{y:g}" if lead in "25" else ""
 
 
+def _plot_e2e(axes, recs):
+    """Bars per (variant, dtype): tokens/s, and peak memory (total and above the resident state)."""
+    ax_s, ax_m = axes
+    labels = [f"{r['variant']}\n{r['dtype']}" for r in recs]
+    colors = ["tab:red" if r["variant"] == "stock" else "tab:blue" for r in recs]
+    x = range(len(recs))
+    ax_s.bar(x, [r["tokens_per_s"] for r in recs], color=colors)
+    ax_s.set_ylabel("tokens/s")
+    ax_s.set_title(f"end to end: {recs[0]['model']}, seq {recs[0]['seq']}", fontsize=9)
+    total = [r["peak_mem_bytes"] / _MiB for r in recs]
+    above = [r["peak_above_state_bytes"] / _MiB for r in recs]
+    ax_m.bar(x, total, color=colors, alpha=0.35, label="peak (total)")
+    ax_m.bar(x, above, color=colors, label="peak above weights+optimizer state")
+    for i, r in enumerate(recs):
+        if r.get("max_seq_note"):
+            ax_m.annotate(f"longest seq {r['max_seq_note']}", (i, total[i]), ha="center", va="bottom", fontsize=7)
+    ax_m.set_ylabel("MiB")
+    ax_m.set_title("end to end: peak memory of one training step", fontsize=9)
+    ax_m.set_ylim(0, max(total) * 1.25)
+    ax_m.legend(fontsize=7, loc="upper right")
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+
+
 def write_plot(doc: dict, out_dir: str) -> str:
     import matplotlib
 
@@ -174,10 +200,15 @@ def write_plot(doc: dict, out_dir: str) -> str:
         if r.get("record") == "op" and r.get("status") == "ok":
             groups[(r["dtype"], r["shape"], r["D"], r["V"])].append(r)
     path = os.path.join(out_dir, PNG_NAME)
-    rows = max(1, len(groups))
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.4 * rows), squeeze=False)
-    if not groups:
-        axes[0][0].text(0.5, 0.5, "no successful measurement", ha="center")
+    e2e = [r for r in doc["records"] if r.get("record") == "e2e" and r.get("status") == "ok"]
+    rows = len(groups) + (1 if e2e else 0)
+    fig, axes = plt.subplots(max(1, rows), 2, figsize=(12, 3.4 * max(1, rows)), squeeze=False)
+    if not rows:
+        for ax in axes[0]:
+            ax.text(0.5, 0.5, "no successful op or e2e measurement (see results.md)", ha="center")
+            ax.set_axis_off()
+    if e2e:
+        _plot_e2e(axes[len(groups)], e2e)
     for row, ((dtype, shape, d, v), rs) in enumerate(groups.items()):
         ax_t, ax_m = axes[row]
         by_impl = defaultdict(list)
