@@ -173,10 +173,17 @@ def test_supported_model_types():
 def test_accelerate_prepare_keeps_the_patch():
     """accelerate wraps `model.forward` (autocast + fp32 outputs): still patched, still fused."""
     accelerate = pytest.importorskip("accelerate")
-    m = hf_fusedce.patch(tiny())
-    m = accelerate.Accelerator(cpu=True, mixed_precision="bf16").prepare(m)
-    assert hf_fusedce.is_patched(m)
-    ids, labels = data()
-    before = COUNTERS["fused"]
-    assert m(input_ids=ids, labels=labels).loss.dtype == torch.float32
-    assert COUNTERS["fused"] == before + 1
+    from accelerate.state import AcceleratorState
+
+    # The accelerator state is a process-wide singleton: other tests in this worker may have set it.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        m = hf_fusedce.patch(tiny())
+        m = accelerate.Accelerator(cpu=True, mixed_precision="bf16").prepare(m)
+        assert hf_fusedce.is_patched(m)
+        ids, labels = data()
+        before = COUNTERS["fused"]
+        assert m(input_ids=ids, labels=labels).loss.dtype == torch.float32
+        assert COUNTERS["fused"] == before + 1
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
