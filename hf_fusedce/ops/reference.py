@@ -40,9 +40,7 @@ def reference_linear_cross_entropy(
     soft = target_probs is not None
     lead = targets.shape[:-1] if soft else targets.shape
     d = hidden.shape[-1]
-    raw = hidden.reshape(-1, d) @ weight.t()
-    if bias is not None:
-        raw = raw + bias
+    raw = torch.nn.functional.linear(hidden.reshape(-1, d), weight, bias)  # as lm_head: bias added before rounding
     if logits_dtype is not None:
         raw = raw.to(logits_dtype)
     z = transform_logits(raw, logit_scale, softcap)

@@ -35,18 +35,21 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
         tanh = x.div_(spec.softcap).tanh_()
         x = tanh * spec.softcap  # new buffer: tanh is kept for the chain rule
     ids, tau = rows.ids, rows.probs  # (n, K); ignored entries have id 0 and tau 0
-    x_at_ids = x.gather(1, ids)
-    tau_sum = tau.sum(1)
-    tau_dot_x = (tau * x_at_ids).sum(1)
     eps, zl, vocab = spec.label_smoothing, spec.z_loss, x.shape[1]
-    mean_x = x.mean(1) if eps else None
     row_max = x.amax(1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = x.sub_(row_max[:, None]).exp_()  # x is consumed: from here on it holds exp(x - max)
-    lse = row_max + p.sum(1).log()
-    loss = (1.0 - eps) * (tau_sum * lse - tau_dot_x)
+    x.sub_(row_max[:, None])  # shifted logits: the terms below never subtract two large numbers
+    tau_sum = tau.sum(1)
+    tau_dot_gap = -(tau * x.gather(1, ids)).sum(1)  # sum_k tau_k (max - x_k) >= 0
+    mean_gap = -x.mean(1) if eps else None
+    p = x.exp_()  # x is consumed: from here on it holds exp(x - max)
+    sum_exp = p.sum(1)
+    log_sum = sum_exp.log()
+    lse = row_max + log_sum
+    # tau_sum*lse - sum tau x == tau_sum*log_sum + sum tau (max - x): exact for large logits
+    loss = (1.0 - eps) * (tau_sum * log_sum + tau_dot_gap)
     if eps:
-        loss = loss + eps * (lse - mean_x)
+        loss = loss + eps * (log_sum + mean_gap)
     if zl:
         loss = loss + zl * lse.square()
     active = rows.weight != 0
@@ -54,7 +57,8 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     if not compute_grad:
         return loss, lse
     coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
-    p.mul_(((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef).mul_(torch.exp(-lse + row_max))[:, None])
+    # softmax = exp(x - max) / sum_exp (not exp(x - lse): lse's rounding would dominate p ~ 1 at large logits)
+    p.mul_(((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef).div_(sum_exp)[:, None])
     p.scatter_add_(1, ids, -(1.0 - eps) * tau * coef[:, None])
     if eps:
         p.sub_((eps / vocab) * coef[:, None])

@@ -74,21 +74,25 @@ def _ce_rows_kernel(
             x_sum += tl.where(mask, x, 0.0)
     m = tl.max(m_lane, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    lse = m + tl.log(tl.sum(s_lane * tl.exp(m_lane - m), axis=0))
+    sum_exp = tl.sum(s_lane * tl.exp(m_lane - m), axis=0)
+    log_sum = tl.log(sum_exp)
+    lse = m + log_sum
 
     x_ids, _ = _transform(tl.load(z_row + ids, mask=kmask, other=0.0).to(tl.float32), logit_scale, softcap,
                           HAS_SOFTCAP)
     tau_sum = tl.sum(tau, axis=0)
-    loss = (1.0 - eps) * (tau_sum * lse - tl.sum(tau * x_ids, axis=0)) + z_loss * lse * lse
+    # tau_sum*lse - sum tau x, written as tau_sum*log_sum + sum tau (m - x): no cancellation at large logits
+    loss = (1.0 - eps) * (tau_sum * log_sum + tl.sum(tau * (m - x_ids), axis=0)) + z_loss * lse * lse
     if HAS_SMOOTHING:
-        loss += eps * (lse - tl.sum(x_sum, axis=0) / V)
+        loss += eps * (log_sum + m - tl.sum(x_sum, axis=0) / V)
     tl.store(LOSS + row, tl.where(w != 0.0, w * loss, 0.0))
     tl.store(LSE + row, lse)
 
     if COMPUTE_GRAD:
         # Pass 2: g = coef * [((1-eps) T + eps + 2 c lse) p - (1-eps) tau - eps/V], chained through the cap.
+        # p = exp(x - m) / sum_exp, not exp(x - lse): lse's rounding would dominate p ~ 1 at large logits.
         coef = w * tl.load(SCALE + row * stride_scale).to(tl.float32)
-        c_row = coef * ((1.0 - eps) * tau_sum + eps + 2.0 * z_loss * lse)
+        c_row = coef * ((1.0 - eps) * tau_sum + eps + 2.0 * z_loss * lse) / sum_exp
         a = coef * (1.0 - eps) * tau
         uniform = coef * eps / V
         for start in range(0, V, BLOCK_V):
@@ -96,7 +100,7 @@ def _ce_rows_kernel(
             mask = cols < V
             raw = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
             x, t = _transform(raw, logit_scale, softcap, HAS_SOFTCAP)
-            g = c_row * tl.exp(x - lse) - uniform
+            g = c_row * tl.exp(x - m) - uniform
             hit = (cols[:, None] == ids[None, :]) & kmask[None, :]
             g -= tl.sum(tl.where(hit, a[None, :], 0.0), axis=1)
             if HAS_SOFTCAP:

@@ -155,6 +155,9 @@ def test_chunking_does_not_change_the_result(case, rows):
         if a.grads[name] is None:
             assert b.grads[name] is None
             continue
-        tol = {"rtol": 1e-5, "atol": 1e-6} if hidden.dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
         ga, gb = a.grads[name].float(), b.grads[name].float()
-        torch.testing.assert_close(ga, gb, **tol)
+        # Chunks change GEMM blocking (summation order), and at large logits the target's p - 1 cancels: the
+        # absolute tolerance follows the gradient's scale, not a fixed number.
+        scale = float(gb.abs().max()) or 1.0
+        rel = 1e-5 if hidden.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(ga, gb, rtol=rel, atol=rel * scale)
