@@ -35,10 +35,11 @@ def _tanh(y):
 def _transform(raw, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """x = softcap * tanh(scale * raw / softcap); also returns tanh for the chain rule."""
     y = raw * logit_scale
-    if HAS_SOFTCAP:
+    t = y
+    if HAS_SOFTCAP:  # one return statement: early returns under `if` are fragile in Triton's code generator
         t = _tanh(y / softcap)
-        return softcap * t, t
-    return y, y
+        y = softcap * t
+    return y, t
 
 
 @triton.jit
