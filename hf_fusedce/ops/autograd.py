@@ -40,7 +40,14 @@ def chunked_pass(h, w, b, rows: RowInputs, active_rows, plan: Plan, need: tuple[
     """Loss per row (float32, zeros at ignored rows) and, if any of `need`, the gradients.
 
     active_rows: None (all rows) or an int64 index of the rows that carry loss; others are skipped.
+    Runs with autocast off: operands are cast to plan.compute_dtype explicitly, and autocast would otherwise
+    recast the float32 dW accumulator that the mixed-dtype addmm writes into.
     """
+    with torch.autocast(h.device.type, enabled=False):
+        return _chunk_loop(h, w, b, rows, active_rows, plan, need)
+
+
+def _chunk_loop(h, w, b, rows, active_rows, plan, need):
     n_total, vocab = h.shape[0], w.shape[0]
     need_dh, need_dw, need_db = need
     compute_grad = any(need)
