@@ -14,7 +14,6 @@ Real use:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,7 +22,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sft  # noqa: E402  (same directory: model/tokenizer loading and chat tokenization with masked prompts)
+import sft  # noqa: E402  (same directory: chat tokenization with masked prompts)
+from _common import load_model_and_tokenizer, write_result  # noqa: E402  (same directory: shared boilerplate)
 
 from hf_fusedce import FusedCEConfig, FusedCETrainer  # noqa: E402
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     lora, args = parse_args(argv)
-    model, tok = sft.load_model_and_tokenizer(args)
+    model, tok = load_model_and_tokenizer(args, max_position=max(args.max_length, 256))
     targets = [m for m in lora.target_modules.split(",") if m] + (["lm_head"] if lora.lora_on_lm_head else [])
     model = get_peft_model(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
@@ -65,13 +65,7 @@ def main(argv=None):
                              fusedce_config=FusedCEConfig(enabled=not args.stock))
     out = trainer.train()
     trainer.save_model()  # the adapter
-    if trainer.is_world_process_zero():
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        result = {"train_loss": out.training_loss, "losses": losses, "lora_on_lm_head": lora.lora_on_lm_head,
-                  "head_saved_mib": trainer.fusedce_summary["loss_head_probe"].get("saved_mib")}
-        with open(os.path.join(args.output_dir, "result.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result))
+    write_result(trainer, out, args.output_dir, lora_on_lm_head=lora.lora_on_lm_head)
     return trainer
 
 

@@ -15,14 +15,17 @@ Real use (a .txt file with one document a line, or JSON/JSONL with a text column
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 
 import datasets
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+from transformers import TrainingArguments, default_data_collator
 
-from hf_fusedce import FusedCEConfig, FusedCETrainer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_model_and_tokenizer, write_result  # noqa: E402  (same directory: shared boilerplate)
+
+from hf_fusedce import FusedCEConfig, FusedCETrainer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,23 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_model_and_tokenizer(args):
-    if args.model_name_or_path:
-        tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
-        if args.from_scratch:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_name_or_path), dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
-        return model, tok
-    from hf_fusedce.demo import build_tiny_llama, load_demo_tokenizer
-
-    tok = load_demo_tokenizer()
-    model = build_tiny_llama(seed=args.seed, vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4,
-                             num_kv_heads=2, intermediate_size=128, max_position=max(args.block_size, 256))
-    return model, tok
-
-
 def load_texts(args):
     if args.train_file is None:  # the shipped demo conversations, as plain text
         from hf_fusedce.demo import shipped_sft_path
@@ -88,7 +74,8 @@ def pack(examples, tok, block_size, field):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tok = load_model_and_tokenizer(args)
+    model, tok = load_model_and_tokenizer(args, max_position=max(args.block_size, 256),
+                                          from_scratch=args.from_scratch, pad_to_eos=False)
     texts, field = load_texts(args)
     train = texts.map(pack, batched=True, batch_size=1000, remove_columns=texts.column_names,
                       fn_kwargs={"tok": tok, "block_size": args.block_size, "field": field})
@@ -102,13 +89,7 @@ def main(argv=None):
     trainer = FusedCETrainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator,
                              processing_class=tok, fusedce_config=FusedCEConfig(enabled=not args.stock))
     out = trainer.train()
-    if trainer.is_world_process_zero():
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        result = {"train_loss": out.training_loss, "losses": losses, "blocks": len(train),
-                  "head_saved_mib": trainer.fusedce_summary["loss_head_probe"].get("saved_mib")}
-        with open(os.path.join(args.output_dir, "result.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result))
+    write_result(trainer, out, args.output_dir, blocks=len(train))
     return trainer
 
 

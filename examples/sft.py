@@ -14,14 +14,17 @@ Real use (any causal LM with a chat template; JSONL/JSON records with a "message
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-from hf_fusedce import FusedCEConfig, FusedCETrainer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_model_and_tokenizer, write_result  # noqa: E402  (same directory: shared boilerplate)
+
+from hf_fusedce import FusedCEConfig, FusedCETrainer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,22 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--stock", action="store_true", help="stock loss head (same logging), for comparison")
     p.add_argument("--cpu", action="store_true", help="force CPU (default: CPU when no GPU)")
     return p.parse_args(argv)
-
-
-def load_model_and_tokenizer(args):
-    if args.model_name_or_path:
-        tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
-        return model, tok
-    from hf_fusedce.demo import build_tiny_llama, load_demo_tokenizer
-
-    tok = load_demo_tokenizer()
-    model = build_tiny_llama(seed=args.seed, vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4,
-                             num_kv_heads=2, intermediate_size=128, max_position=max(args.max_length, 256))
-    return model, tok
 
 
 def template_ids(tok, messages, add_generation_prompt):
@@ -101,7 +88,7 @@ def load_split(path, tok, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tok = load_model_and_tokenizer(args)
+    model, tok = load_model_and_tokenizer(args, max_position=max(args.max_length, 256))
     train = load_split(args.train_file, tok, args)
     evald = load_split(args.eval_file, tok, args) if args.eval_file else None
     targs = TrainingArguments(
@@ -120,14 +107,7 @@ def main(argv=None):
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
         fusedce_config=FusedCEConfig(enabled=not args.stock))
     out = trainer.train()
-    if trainer.is_world_process_zero():
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        probe = trainer.fusedce_summary["loss_head_probe"]
-        result = {"train_loss": out.training_loss, "losses": losses, "world_size": trainer.accelerator.num_processes,
-                  "head_saved_mib": probe.get("saved_mib")}
-        with open(os.path.join(args.output_dir, "result.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result))
+    write_result(trainer, out, args.output_dir, world_size=trainer.accelerator.num_processes)
     return trainer
 
 
