@@ -19,7 +19,7 @@ import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorForSeq2Seq, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sft  # noqa: E402  (same directory: chat tokenization with masked prompts)
@@ -48,6 +48,7 @@ def main(argv=None):
     lora, args = parse_args(argv)
     model, tok = load_model_and_tokenizer(args, max_position=max(args.max_length, 256))
     targets = [m for m in lora.target_modules.split(",") if m] + (["lm_head"] if lora.lora_on_lm_head else [])
+    set_seed(args.seed)  # LoRA's A matrices are drawn here, before Trainer seeds: make runs repeatable
     model = get_peft_model(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                              target_modules=targets, task_type="CAUSAL_LM"))
     model.print_trainable_parameters()
