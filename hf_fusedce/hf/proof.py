@@ -36,22 +36,25 @@ SIZES = {
     "num_key_value_heads": 2, "head_dim": 8, "attention_head_dim": 8, "num_heads": 4,
     "vocab_size": VOCAB, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8, "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_k": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
+    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_k": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
     "n_group": 1, "topk_group": 1, "num_expert_group": 1, "moe_topk": 2, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
     "qk_head_dim": 16, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4,
     "state_size": 8, "ssm_state_size": 8, "d_state": 8, "expand": 2, "conv_kernel": 4, "mamba_d_state": 8,
-    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "n_groups": 1, "mamba_n_groups": 1,
+    "mamba_n_heads": 4, "n_mamba_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "n_groups": 1, "mamba_n_groups": 1,
     "time_step_rank": 4, "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 8,
     "linear_value_head_dim": 8, "first_k_dense_replace": 1, "sliding_window": 16, "hidden_size_per_head": 8,
     "intermediate_size_mlp": 64, "num_kv_heads": 2, "multi_query_group_num": 2, "kv_channels": 8,
     "rotary_dim": 8, "rotary_emb_dim": 8, "image_size": 32, "patch_size": 8, "num_channels": 3,
-    "vision_output_dim": 32, "text_hidden_size": 32, "num_global_layers": 1, "chunk_size": 16,
+    "vision_output_dim": 32, "text_hidden_size": 32, "hidden_size_global": 32, "encoder_hash_byte_group_vocab": 101, "adapter_in_dim": 32, "adapter_out_dim": 32, "adapter_input_size": 32, "num_global_layers": 1, "chunk_size": 16,
     "attention_chunk_size": 16, "local_attention": 16, "attention_window_size": 16, "block_size": 16,
 }
 # Quirk values set to non-trivial numbers so the table entry is really exercised.
 QUIRK_VALUES = {"logits_scaling": 2.5, "lm_head_multiplier": 0.7, "logit_scale": 0.3, "z_loss_coefficient": 0.01,
                 "output_router_logits": True, "final_logit_softcapping": 3.0, "logits_soft_cap": 3.0,
                 "router_aux_loss_coef": 0.05}
+# Size fields whose None default is a placeholder the config never fills (the modeling code reads it as a
+# number: head_dim**-0.5, topk(k=None), torch.empty(None, ...)), unlike sliding_window=None (= off).
+_NONE_IS_UNSET = ("head_dim", "n_group", "topk_group", "num_experts_per_tok", "n_routed_experts", "n_shared_experts")
 _NO_DROPOUT = ("dropout", "dropout_rate", "dropout_prob", "_pdrop", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
@@ -78,11 +81,21 @@ def causal_lm_types() -> dict[str, str]:
 
 # Per-family config settings the generic shrink cannot guess (the family's own constraints).
 FAMILY_CONFIG = {
-    "reformer": {"is_decoder": True, "axial_pos_shape": [4, 16], "axial_pos_embds_dim": [16, 16]},
+    "reformer": {"is_decoder": True, "axial_pos_shape": [2, 5], "axial_pos_embds_dim": [16, 16], "hash_seed": 0, "local_attn_chunk_length": 5, "lsh_attn_chunk_length": 5},  # training: axial shape = SEQ; LSH: same hashes in both runs
     "mamba2": {"num_heads": 8, "head_dim": 8},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},  # modeling reads rope_theta and clamps by clip_qkv unguarded; checkpoints set both
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},  # rope is keyed per layer type, no default
+    "dots3_note_text": {"head_dim": 16},  # validated: SWA head_dim == qk_nope_head_dim + qk_rope_head_dim (8 + 8)
+    "dots3_note": {"text_config": {"head_dim": 16}},  # same, in the text config
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # default 15 shared layers > 2 tiny layers: no producer of each type
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # no layer_types default; 1 MoE layer
+    # QSA indexer fields default to None but every indexed_attention layer needs them (checkpoints set them)
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8, "indexer_compress_ratio": 4},
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8, "indexer_compress_ratio": 4}},
 }
 # Per-family preparation of a built model before the proof (inputs it needs that are not ids).
-FAMILY_PREP = {"xmod": lambda m: m.set_default_language("en_XX")}
+FAMILY_PREP = {"xmod": lambda m: m.set_default_language("en_XX"),
+               "reformer": lambda m: m.train()}  # Reformer refuses a backward in eval mode; all dropouts are 0
 LAYERS = SIZES["num_hidden_layers"]
 
 
@@ -105,10 +118,15 @@ def _shrunk_kwargs(defaults: dict, config_cls=None) -> dict:
                 value = [min(v, SIZES[key]) if isinstance(v, int) else v for v in value]
             kw[key] = value
             continue
+        if key == "mlp_only_layers" and isinstance(value, list):  # dense-layer indices: keep the last layer MoE
+            kw[key] = [i for i in value if isinstance(i, int) and i < LAYERS - 1]
+            continue
         if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
             kw[key] = {k: v for k, v in value.items() if int(k) < LAYERS}  # per-layer overrides
             continue
-        if key in SIZES and isinstance(value, int) and value > SIZES[key]:
+        if value is None and key in _NONE_IS_UNSET:
+            kw[key] = SIZES[key]
+        elif key in SIZES and isinstance(value, int) and value > SIZES[key]:
             kw[key] = SIZES[key]
         elif key in QUIRK_VALUES and value is not None and not isinstance(value, (dict, list)):
             kw[key] = QUIRK_VALUES[key]
@@ -139,7 +157,8 @@ def tiny_config(model_type: str, tie: bool | None = None):
         for key in kw:
             if key == "text_config" and isinstance(kw[key], dict):
                 kw[key]["tie_word_embeddings"] = tie
-    kw.update(FAMILY_CONFIG.get(model_type, {}))
+    for key, value in FAMILY_CONFIG.get(model_type, {}).items():  # a dict (sub-config) merges into the shrunk one
+        kw[key] = {**kw[key], **value} if isinstance(value, dict) and isinstance(kw.get(key), dict) else value
     config = cls(**kw)
     for key in ("_attn_implementation",):
         setattr(config, key, "eager")
@@ -153,11 +172,14 @@ def build(model_type: str, tie: bool | None = None, seed: int = 0):
     torch.manual_seed(seed)
     try:
         model = cls(config)
-    except Exception:  # a text-only causal LM mapped from a composite config (e.g. llama4): its text config
+    except Exception as err:  # a text-only causal LM mapped from a composite config (e.g. llama4): its text config
         if config.get_text_config() is config:
             raise
         torch.manual_seed(seed)
-        model = cls(config.get_text_config())
+        try:
+            model = cls(config.get_text_config())
+        except Exception:  # noqa: BLE001 - not that case: the composite model's own error is the reason
+            raise err from None
     model = model.float().eval()  # eval: no dropout; gradients still flow
     FAMILY_PREP.get(model_type, lambda m: None)(model)
     return model
