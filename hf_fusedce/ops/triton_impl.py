@@ -57,25 +57,23 @@ def _ce_rows_kernel(
     tau = tl.load(PROBS + row * K + kk, mask=kmask, other=0.0)
     w = tl.load(WEIGHT + row)
 
-    # Pass 1: per-lane online max and sum of exponentials, reduced once at the end.
-    m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s_lane = tl.zeros([BLOCK_V], tl.float32)
-    x_sum = tl.zeros([BLOCK_V], tl.float32)
+    # Pass 1: online max and sum of exponentials, rescaled once per block (one exp per logit).
+    m = tl.full((), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((), tl.float32)
+    x_sum = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         raw = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         x, _ = _transform(raw, logit_scale, softcap, HAS_SOFTCAP)
         x = tl.where(mask, x, float("-inf"))
-        m_new = tl.maximum(m_lane, x)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf)
-        s_lane = s_lane * tl.exp(m_lane - m_safe) + tl.exp(x - m_safe)
-        m_lane = m_new
+        sum_exp = sum_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+        m = m_new
         if HAS_SMOOTHING:
-            x_sum += tl.where(mask, x, 0.0)
-    m = tl.max(m_lane, axis=0)
+            x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    sum_exp = tl.sum(s_lane * tl.exp(m_lane - m), axis=0)
     log_sum = tl.log(sum_exp)
     lse = m + log_sum
 
@@ -85,7 +83,7 @@ def _ce_rows_kernel(
     # tau_sum*lse - sum tau x, written as tau_sum*log_sum + sum tau (m - x): no cancellation at large logits
     loss = (1.0 - eps) * (tau_sum * log_sum + tl.sum(tau * (m - x_ids), axis=0)) + z_loss * lse * lse
     if HAS_SMOOTHING:
-        loss += eps * (log_sum + m - tl.sum(x_sum, axis=0) / V)
+        loss += eps * (log_sum + m - x_sum / V)
     tl.store(LOSS + row, tl.where(w != 0.0, w * loss, 0.0))
     tl.store(LSE + row, lse)
 
