@@ -2,10 +2,6 @@
 both backends, float32 and float16/bfloat16, at odd shapes (nothing a multiple of a block; D > 256)."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors run the Triton kernel in the interpreter
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +9,10 @@ import torch.nn.functional as F
 from hf_fusedce import fused_linear_cross_entropy
 from hf_fusedce.ops import reference_linear_cross_entropy, triton_available
 
-BACKENDS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+# On a GPU machine the same suite runs on CUDA (compiled Triton kernels); on CPU, conftest.py sets
+# TRITON_INTERPRET=1 and the triton backend runs through the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["torch"] + (["triton"] if triton_available(DEVICE) else [])
 LEAD, D, V = (3, 13), 300, 517  # 39 tokens
 SMALL_BUDGET = 7 * V * 4  # a handful of rows per chunk: exercises chunk boundaries and the uneven tail
 
@@ -59,8 +58,9 @@ def make_case(opts: dict, dtype: torch.dtype, seed: int = 0):
     if probs is not None:
         kwargs["target_probs"] = probs
     upstream = torch.randn(LEAD, generator=g) if opts.get("reduction") == "none" else torch.tensor(1.7)
-    params = [t.to(dtype).requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
-    return params, targets, kwargs, upstream
+    params = [t.to(DEVICE, dtype).requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    return params, targets.to(DEVICE), kwargs, upstream.to(DEVICE)
 
 
 def run(fn, params, targets, kwargs, upstream, **extra):
@@ -107,9 +107,9 @@ def test_low_precision_no_worse_than_stock(backend, dtype, name, budget):
 def test_tied_embedding_gradient(backend):
     """The lm_head IS the input embedding: both uses accumulate into one gradient."""
     g = torch.Generator().manual_seed(1)
-    emb = torch.randn(V, D, generator=g) / D**0.25
-    proj = torch.randn(D, D, generator=g) / D**0.5
-    ids = torch.randint(0, V, (41,), generator=g)
+    emb = (torch.randn(V, D, generator=g) / D**0.25).to(DEVICE)
+    proj = (torch.randn(D, D, generator=g) / D**0.5).to(DEVICE)
+    ids = torch.randint(0, V, (41,), generator=g).to(DEVICE)
     targets = torch.roll(ids, -1)
     targets[-1] = -100
 
@@ -135,7 +135,7 @@ def test_partial_requires_grad(backend, which):
     wanted = hidden if which == "hidden_only" else weight
     loss = fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
     (ours,) = torch.autograd.grad(loss, wanted)
-    exact = oracle([hidden, weight], targets, {}, torch.tensor(1.0))
+    exact = oracle([hidden, weight], targets, {}, torch.tensor(1.0, device=DEVICE))
     assert rel_err(ours, exact[1 if which == "hidden_only" else 2]) < 1e-5
 
 
@@ -166,15 +166,16 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(backend):
     params, targets, kwargs, upstream = make_case({}, torch.float32)
     targets = torch.full_like(targets, -100)
     for extra in ({}, {"num_items_in_batch": 0}, {"reduction": "sum"}):
-        loss, dh, dw = run(fused_linear_cross_entropy, params, targets, extra, torch.tensor(1.0), backend=backend)
+        loss, dh, dw = run(fused_linear_cross_entropy, params, targets, extra, torch.tensor(1.0, device=DEVICE),
+                           backend=backend)
         assert float(loss) == 0.0 and torch.all(dh == 0) and torch.all(dw == 0)
 
 
 def test_autocast_matches_stock_mixed_precision():
     """float32 weights under bf16 autocast (how HF mixed precision trains): same as stock autocast lm_head."""
     params, targets, kwargs, upstream = make_case({}, torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = run(fused_linear_cross_entropy, params, targets, {}, upstream, backend="torch")
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        ours = run(fused_linear_cross_entropy, params, targets, {}, upstream)
 
         def stock(h, w, t, bias=None):
             return F.cross_entropy(F.linear(h, w).float().flatten(0, -2), t.flatten())
@@ -219,9 +220,9 @@ def test_reference_agrees_with_torch_cross_entropy(reduction, smoothing):
     torch_ce = F.cross_entropy(logits, targets.flatten(), reduction=reduction, label_smoothing=smoothing)
     assert rel_err(ours.flatten(), torch_ce) < 1e-12
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, V, (*LEAD, 4), generator=g)
-    probs = torch.rand(*LEAD, 4, generator=g, dtype=torch.float64).softmax(-1)
-    dense = torch.zeros(logits.shape, dtype=torch.float64).scatter_add_(1, ids.flatten(0, -2), probs.flatten(0, -2))
+    ids = torch.randint(0, V, (*LEAD, 4), generator=g).to(DEVICE)
+    probs = torch.rand(*LEAD, 4, generator=g, dtype=torch.float64).softmax(-1).to(DEVICE)
+    dense = torch.zeros(logits.shape, dtype=torch.float64, device=DEVICE).scatter_add_(1, ids.flatten(0, -2), probs.flatten(0, -2))
     soft = reference_linear_cross_entropy(hidden, weight, ids, target_probs=probs, reduction=reduction,
                                           label_smoothing=smoothing)
     assert rel_err(soft.flatten(), F.cross_entropy(logits, dense, reduction=reduction,
@@ -230,7 +231,7 @@ def test_reference_agrees_with_torch_cross_entropy(reduction, smoothing):
 
 def test_second_backward_is_a_clear_error():
     params, targets, _, _ = make_case({}, torch.float32)
-    loss = fused_linear_cross_entropy(*params, targets, backend="torch")
+    loss = fused_linear_cross_entropy(*params, targets)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
