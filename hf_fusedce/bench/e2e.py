@@ -221,7 +221,7 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
                             "peak_fwd_bwd_above_state_bytes": fwd_bwd,
                             "state_bytes": _state_bytes(tr.model, tr.opt)})
                 if search:
-                    best, note = longest_seq(lambda n: _fits(tr, n, budget), seq, max_seq, d["granularity"],
+                    best, note = longest_seq(lambda n, tr=tr: _fits(tr, n, budget), seq, max_seq, d["granularity"],
                                              out_of_time)
                     rec.update({"max_seq": best, "max_seq_note": note, "max_seq_cap": max_seq,
                                 "max_seq_granularity": d["granularity"]})

@@ -7,9 +7,7 @@ loss and every parameter gradient to the stock ones by relative error (float32, 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import time
 
 import torch

@@ -73,7 +73,6 @@ def test_unknown_model_type_is_refused_unless_forced():
 
 
 def test_refused_family_has_a_reason():
-    from hf_fusedce.hf.heads import REFUSED
     m = tiny()
     m.config.model_type = "musicgen"
     with pytest.raises(ValueError, match="codebook"):

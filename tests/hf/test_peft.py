@@ -1,7 +1,6 @@
 """PEFT: LoRA on the body, LoRA / modules_to_save / trainable tokens ON lm_head (tied and untied), DoRA fallback.
 Patched vs stock: loss and every trainable gradient, float32."""
 import copy
-import warnings
 
 import pytest
 import torch
