@@ -17,7 +17,7 @@ import torch
 
 from hf_fusedce.memory import LiveTensorTracker
 
-from .runner import TIME_SKIP, environment, free_memory, is_oom, log
+from .runner import TIME_SKIP, environment, free_memory, is_oom, log, sync
 from .shapes import DtypeMode
 
 # Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192, vocab 128256, tied.
@@ -93,11 +93,6 @@ class _Trainer:
         return loss
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _measure_step(tr: _Trainer, seq: int) -> tuple[int, int, int]:
     """Peaks of one step above the resident state (weights + optimizer state): (forward+backward, whole step
     including the optimizer update), and the resident state's bytes."""
@@ -108,11 +103,11 @@ def _measure_step(tr: _Trainer, seq: int) -> tuple[int, int, int]:
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         tr.forward_backward(seq)
-        _sync(dev)
+        sync(dev)
         fwd_bwd = torch.cuda.max_memory_allocated(dev) - base
         torch.cuda.reset_peak_memory_stats(dev)
         tr.optimizer_step()
-        _sync(dev)
+        sync(dev)
         whole = max(fwd_bwd, torch.cuda.max_memory_allocated(dev) - base)
         return fwd_bwd, whole, base
     t1 = LiveTensorTracker()
@@ -208,10 +203,10 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
                 tr.step(seq)  # warm-up; creates the optimizer state
                 times = []
                 for _ in range(repeats):
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
                     loss = tr.step(seq)
-                    _sync(device)
+                    sync(device)
                     times.append((time.perf_counter() - t0) * 1e3)
                 fwd_bwd, above, base = _measure_step(tr, seq)
                 ms = statistics.median(times)

@@ -114,7 +114,7 @@ def make_inputs(shape: Shape, n: int, mode: DtypeMode, device: torch.device, see
     return h, w, y
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -133,7 +133,7 @@ def _time_calls(fn, h, w, y, mode, device, cfg: BenchConfig) -> list[float]:
     t_begin = time.perf_counter()
     for i in range(max(cfg.repeats, 1)):
         h.grad = w.grad = None
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -156,7 +156,7 @@ def measure(impl: Impl, fn, h, w, y, mode: DtypeMode, device, cfg: BenchConfig, 
     try:
         for _ in range(cfg.warmup):
             _step(fn, h, w, y, mode, device)
-        _sync(device)
+        sync(device)
         times = _time_calls(fn, h, w, y, mode, device, cfg)
         h.grad = w.grad = None
         free_memory(device)

@@ -52,7 +52,7 @@ def fused_linear_cross_entropy(
     lead = targets.shape[:-1] if target_probs is not None else targets.shape
     d, vocab = hidden.shape[-1], weight.shape[0]
     h2 = hidden.reshape(-1, d)
-    rows, valid = _row_inputs(targets, target_probs, token_weights, spec, vocab, h2.shape[0])
+    rows, valid = _row_inputs(targets, target_probs, token_weights, spec, h2.shape[0])
     n_valid = _validate_labels_and_count(rows.ids, valid, spec, vocab)
     active = None if n_valid == h2.shape[0] else valid.nonzero().squeeze(1)
     denom = _denominator(spec, num_items_in_batch, n_valid, h2.device)
@@ -122,7 +122,7 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, target_probs):
                          "(cast one, or run under torch.autocast)")
 
 
-def _row_inputs(targets, target_probs, token_weights, spec, vocab, n_rows):
+def _row_inputs(targets, target_probs, token_weights, spec, n_rows):
     if target_probs is not None:
         ids = targets.reshape(n_rows, -1).long()
         keep = ids != spec.ignore_index

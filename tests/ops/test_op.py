@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from hf_fusedce import fused_linear_cross_entropy
 from hf_fusedce.ops import reference_linear_cross_entropy, triton_available
+from hf_fusedce.testing import rel_err
 
 # On a GPU machine the same suite runs on CUDA (compiled Triton kernels); on CPU, conftest.py sets
 # TRITON_INTERPRET=1 and the triton backend runs through the interpreter.
@@ -30,11 +31,6 @@ OPTION_SETS = {
     "everything": {"bias": True, "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 3.0, "logit_scale": 1.3,
                    "token_weights": True},
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def make_case(opts: dict, dtype: torch.dtype, seed: int = 0):
