@@ -1,5 +1,5 @@
 """hf_fusedce: train Hugging Face causal LMs without materializing the [tokens x vocab] logits."""
-from .ops import fused_linear_cross_entropy
+from .ops import fused_linear_cross_entropy, fused_linear_distillation
 
 __version__ = "0.1.0"
 
@@ -13,7 +13,7 @@ _LAZY = {
     "FusedCEConfig": "hf_fusedce.trainer",
 }
 
-__all__ = ["fused_linear_cross_entropy", *_LAZY]
+__all__ = ["fused_linear_cross_entropy", "fused_linear_distillation", *_LAZY]
 
 
 def __getattr__(name):  # transformers is imported only when the HF layer is used

@@ -1,0 +1,237 @@
+"""fused_linear_distillation against the float64 materialized definition (both models' logits in full): every
+beta class, temperature, hard labels, reductions, biases, tied weights, Dt != D, ignored tokens, odd shapes and
+chunk boundaries; low precision no worse than the materialized computation in that dtype; TRL's own chunked
+divergence gives the same numbers; hostile inputs are refused with a message that says what to do."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from hf_fusedce import fused_linear_distillation
+from hf_fusedce.ops import reference_linear_distillation
+from hf_fusedce.testing import assert_within_tolerance, rel_err, run_with_grads, tolerance_for
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["torch"]  # the triton row kernel comes next
+LEAD, D, DT, V = (3, 11), 37, 53, 301  # 33 tokens; teacher wider than the student; nothing a block multiple
+SMALL_BUDGET = 5 * V * 40  # a few rows per chunk: chunk boundaries and an uneven tail
+
+OPTIONS = {
+    "plain": {},
+    "temperature_biases": {"temperature": 2.5, "bias": True, "teacher_bias": True},
+    "hard_labels": {"hard_label_weight": 0.4, "temperature": 0.7},
+    "sum": {"reduction": "sum", "bias": True},
+    "none": {"reduction": "none", "hard_label_weight": 0.2},
+    "num_items": {"num_items_in_batch": 19, "temperature": 1.5},
+    "no_targets": {"targets": False},
+}
+
+
+def make_case(opts: dict, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    student = [torch.randn(*LEAD, D, generator=g) / D**0.25, torch.randn(V, D, generator=g) / D**0.25]
+    if opts.get("bias"):
+        student.append(torch.randn(V, generator=g))
+    teacher_hidden = torch.randn(*LEAD, DT, generator=g) / DT**0.25
+    teacher_weight = torch.randn(V, DT, generator=g) * 1.5 / DT**0.25  # sharper than the student
+    teacher_bias = torch.randn(V, generator=g) if opts.get("teacher_bias") else None
+    targets = torch.randint(0, V, LEAD, generator=g)
+    targets.view(-1)[::4] = -100
+    kwargs = {k: v for k, v in opts.items() if k not in ("bias", "teacher_bias", "targets")}
+    upstream = torch.randn(LEAD, generator=g) if opts.get("reduction") == "none" else torch.tensor(1.7)
+    return (student, (teacher_hidden, teacher_weight, teacher_bias),
+            None if opts.get("targets") is False else targets, kwargs, upstream)
+
+
+def _adapter(fn, teacher, dtype, **fixed):
+    """run_with_grads calls fn(hidden, weight, targets, bias=...): bind the teacher (cast to ``dtype``)."""
+    th, tw, tb = (None if t is None else t.to(DEVICE, dtype) for t in teacher)
+
+    def call(hidden, weight, targets, bias=None, **kwargs):
+        return fn(hidden, weight, th, tw, targets, student_bias=bias, teacher_bias=tb, **kwargs, **fixed)
+    return call
+
+
+def run(fn, case, dtype, **fixed):
+    student, teacher, targets, kwargs, upstream = case
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in student]
+    bias = leaves[2] if len(leaves) > 2 else None
+    tgt = None if targets is None else targets.to(DEVICE)
+    go = upstream.to(DEVICE, dtype if dtype == torch.float64 else torch.float32)
+    return run_with_grads(_adapter(fn, teacher, dtype, **fixed), leaves[0], leaves[1], tgt, bias=bias,
+                          grad_output=go, **kwargs)
+
+
+def ours(backend, budget=SMALL_BUDGET):
+    return functools.partial(fused_linear_distillation, backend=backend, chunk_budget_bytes=budget)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_fp32_matches_float64_reference(backend, beta, name):
+    case = make_case(OPTIONS[name])
+    got = run(ours(backend), case, torch.float32, beta=beta)
+    ref = run(reference_linear_distillation, case, torch.float64, beta=beta)
+    for key, a, b in [("loss", got.loss, ref.loss)] + [(k, got.grads[k], ref.grads[k]) for k in ref.grads]:
+        if b is None:
+            assert a is None, key
+            continue
+        assert rel_err(a, b) <= 1e-5, f"{key}: rel err {rel_err(a, b):.2e}"
+        assert_within_tolerance(a, b, None, tolerance_for(torch.float32), key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_tied_student_weight_gets_both_gradients(backend, beta):
+    """Student embedding and head share one matrix: its gradient is the sum of both paths."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, V, LEAD, generator=g)
+    targets = torch.where(torch.rand(LEAD, generator=g) < 0.3, -100, ids.roll(-1, 1))
+    base = torch.randn(V, D, generator=g) / D**0.25
+    th, tw = torch.randn(*LEAD, DT, generator=g), torch.randn(V, DT, generator=g) / DT**0.5
+    grads = []
+    for fn, dtype in ((ours(backend), torch.float32), (reference_linear_distillation, torch.float64)):
+        w = base.to(DEVICE, dtype).requires_grad_()
+        hidden = torch.tanh(w[ids.to(DEVICE)])  # the embedding lookup, then a nonlinearity
+        loss = fn(hidden, w, th.to(DEVICE, dtype), tw.to(DEVICE, dtype), targets.to(DEVICE), beta=beta,
+                  temperature=1.3, hard_label_weight=0.5)
+        grads.append((loss.detach(), torch.autograd.grad(loss, w)[0]))
+    assert rel_err(grads[0][0], grads[1][0]) <= 1e-5
+    assert rel_err(grads[0][1], grads[1][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_low_precision_no_worse_than_materialized_in_that_dtype(backend, dtype, beta):
+    """Ours vs float64 within (2 x the materialized run's error in the same dtype) + 2 ulps of the dtype."""
+    case = make_case({"hard_label_weight": 0.3, "temperature": 1.5, "bias": True, "teacher_bias": True})
+    got = run(ours(backend), case, dtype, beta=beta)
+    base = run(reference_linear_distillation, case, dtype, beta=beta, logits_dtype=torch.float32)
+    rounded = [t.to(dtype) for t in case[0]], [None if t is None else t.to(dtype) for t in case[1]]
+    ref = run(reference_linear_distillation, (rounded[0], tuple(rounded[1])) + case[2:], torch.float64, beta=beta)
+    tol = tolerance_for(dtype)
+    assert_within_tolerance(got.loss, ref.loss, base.loss, tol, "loss")
+    for key, g in ref.grads.items():
+        assert got.grads[key].dtype == dtype
+        assert_within_tolerance(got.grads[key], g, base.grads[key], tol, f"d{key}")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_equals_trl_chunked_divergence(beta, temperature):
+    """TRL 1.16's own DistillationTrainer loss (`_chunked_divergence_loss`) on the same inputs, mask as targets."""
+    trl_loss = pytest.importorskip("trl.trainer.distillation_trainer")._chunked_divergence_loss
+    g = torch.Generator().manual_seed(5)
+    hs, ws, bs = torch.randn(2, 13, D, generator=g), torch.randn(V, D, generator=g) / 4, torch.randn(V, generator=g)
+    ht, wt = torch.randn(2, 13, DT, generator=g), torch.randn(V, DT, generator=g) / 4
+    mask = torch.rand(2, 13, generator=g) > 0.3
+    results = []
+    for which in ("trl", "ours"):
+        leaves = [t.clone().requires_grad_() for t in (hs, ws, bs)]
+        if which == "trl":
+            loss = trl_loss(leaves[0], ht, leaves[1], wt, mask.long(), beta, student_lm_head_bias=leaves[2],
+                            temperature=temperature)[0]
+        else:
+            loss = fused_linear_distillation(leaves[0], leaves[1], ht, wt, torch.where(mask, 0, -100), beta=beta,
+                                             temperature=temperature, student_bias=leaves[2], backend="torch")
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
+    for name, a, b in zip(("loss", "dhidden", "dweight", "dbias"), *results):
+        assert rel_err(a, b) <= 2e-6, f"{name}: rel err {rel_err(a, b):.2e} vs TRL"
+
+
+# ------------------------------------------------------------------ hostile inputs and edge cases
+def _inputs(n=5, d=D, dt=DT, v=V, dtype=torch.float32, grad=True):
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_(grad)
+    ws = torch.randn(v, d, generator=g, dtype=dtype).requires_grad_(grad)
+    return hs, ws, torch.randn(n, dt, generator=g, dtype=dtype), torch.randn(v, dt, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("which", ["teacher_hidden", "teacher_weight", "teacher_bias"])
+def test_teacher_requiring_grad_is_refused_and_detached_teacher_is_not(which):
+    hs, ws, ht, wt = _inputs()
+    teacher = {"teacher_hidden": ht, "teacher_weight": wt, "teacher_bias": torch.zeros(V)}
+    teacher[which] = teacher[which].clone().requires_grad_()
+    call = functools.partial(fused_linear_distillation, hs, ws, teacher["teacher_hidden"], teacher["teacher_weight"],
+                             teacher_bias=teacher["teacher_bias"], backend="torch")
+    with pytest.raises(ValueError, match=f"{which} require.*constant.*detach"):
+        call()
+    with torch.no_grad():  # no gradient anywhere: nothing can be dropped, so it runs
+        assert torch.isfinite(call())
+    teacher[which] = teacher[which].detach()
+    loss = fused_linear_distillation(hs, ws, teacher["teacher_hidden"], teacher["teacher_weight"],
+                                     teacher_bias=teacher["teacher_bias"], backend="torch")
+    loss.backward()
+    assert hs.grad is not None and ws.grad is not None
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda hs, ws, ht, wt: (hs, ws, ht, wt[:-1]), "vocabulary"),
+    (lambda hs, ws, ht, wt: (hs, ws, ht[:-1], wt), "leading shape"),
+    (lambda hs, ws, ht, wt: (hs, ws, ht[:, :-1], wt), "teacher_hidden's last dim"),
+    (lambda hs, ws, ht, wt: (hs, ws, ht.double(), wt), "teacher_hidden dtype"),
+    (lambda hs, ws, ht, wt: (hs, ws, ht.long(), wt), "teacher_hidden must be a floating"),
+    (lambda hs, ws, ht, wt: (hs, ws, ht.numpy(), wt), "teacher_hidden must be a torch.Tensor"),
+    (lambda hs, ws, ht, wt: (hs, ws, ht, wt[None]), "teacher_weight must have shape"),
+    (lambda hs, ws, ht, wt: (hs, ws, ht.to("meta"), wt.to("meta")), "one device"),
+    (lambda hs, ws, ht, wt: (hs[:, :-1], ws, ht, wt), "hidden's last dim"),
+])
+def test_bad_tensors_are_refused(bad, match):
+    hs, ws, ht, wt = _inputs(grad=False)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_distillation(*bad(hs, ws, ht, wt), backend="torch")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"beta": -0.1}, "beta must be in"), ({"beta": 1.5}, "beta must be in"),
+    ({"temperature": 0.0}, "temperature must be > 0"), ({"temperature": float("nan")}, "temperature"),
+    ({"hard_label_weight": 0.5}, "needs targets"), ({"hard_label_weight": -1.0}, "hard_label_weight must be"),
+    ({"reduction": "avg"}, "reduction"), ({"backend": "cuda"}, "backend"),
+    ({"reduction": "none", "num_items_in_batch": 3}, "num_items_in_batch"),
+    ({"teacher_bias": torch.zeros(V + 1)}, "teacher_bias must have shape"),
+])
+def test_bad_options_are_refused(kwargs, match):
+    hs, ws, ht, wt = _inputs(grad=False)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_distillation(hs, ws, ht, wt, **kwargs)
+
+
+def test_labels_out_of_range_are_refused():
+    hs, ws, ht, wt = _inputs(grad=False)
+    with pytest.raises(ValueError, match="outside"):
+        fused_linear_distillation(hs, ws, ht, wt, torch.tensor([0, 1, V, 2, -100]), backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_and_empty_give_zero_loss_and_zero_grads(backend):
+    hs, ws, ht, wt = _inputs()
+    loss = fused_linear_distillation(hs, ws, ht, wt, torch.full((5,), -100), backend=backend, hard_label_weight=1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and not hs.grad.any() and not ws.grad.any()
+    hs, ws, ht, wt = _inputs(n=0)
+    loss = fused_linear_distillation(hs, ws, ht, wt, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and hs.grad.shape == (0, D) and not ws.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_an_ignored_teacher_row_does_not_leak(backend):
+    hs, ws, ht, wt = _inputs()
+    ht[2] = float("nan")
+    loss = fused_linear_distillation(hs, ws, ht, wt, torch.tensor([1, 2, -100, 3, 4]), backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hs.grad).all() and torch.isfinite(ws.grad).all()
+    assert not hs.grad[2].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_models_give_zero_divergence_and_gradient(backend):
+    hs, ws, _, _ = _inputs()
+    for beta in (0.0, 0.5, 1.0):
+        loss = fused_linear_distillation(hs, ws, hs.detach(), ws.detach(), beta=beta, backend=backend)
+        (gh,) = torch.autograd.grad(loss, hs)
+        assert abs(loss.item()) < 1e-6 and gh.abs().max() < 1e-6
