@@ -1,6 +1,6 @@
 """Autograd glue shared by both backends: the chunk loop (three GEMMs per chunk) and the Function.
 
-Per chunk of rows: z = h_c W^T + b (GEMM 1), a row kernel turns z into loss/lse and, in place, into
+Per chunk of rows: z = h_c W^T + b (GEMM 1), a row kernel turns z into the per-row loss and, in place, into
 g = dL/dz; then dh_c = g W (GEMM 2) and dW += g^T h_c (GEMM 3). Total 6*N*D*V FLOPs, the floor.
 
 Scalar reductions (mean/sum) compute the gradients during the forward, scaled by 1/denominator, and the
@@ -23,7 +23,7 @@ class Plan:
     """Everything the Function needs besides tensors."""
 
     spec: LossSpec
-    ce_rows: Callable  # (z, RowInputs, LossSpec, compute_grad) -> (loss_rows, lse_rows)
+    ce_rows: Callable  # (z, RowInputs, LossSpec, compute_grad) -> loss_rows; z becomes dL/dz if compute_grad
     bytes_per_logit: Callable  # (LossSpec, chunk dtype) -> int
     compute_dtype: torch.dtype
     budget_bytes: int
@@ -70,7 +70,7 @@ def _chunk_loop(h, w, b, rows, active_rows, plan, need):
             sel = active_rows[sel]
         hc = (h[sel] if isinstance(sel, slice) else h.index_select(0, sel)).to(plan.compute_dtype)
         z = torch.addmm(bc, hc, wc.t()) if bc is not None else hc @ wc.t()
-        loss_c, _ = plan.ce_rows(z, rows.select(sel), plan.spec, compute_grad)
+        loss_c = plan.ce_rows(z, rows.select(sel), plan.spec, compute_grad)
         _put_rows(loss, sel, loss_c)
         if need_dh:
             if isinstance(sel, slice) and dh.dtype == z.dtype:

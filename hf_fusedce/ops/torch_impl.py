@@ -1,7 +1,7 @@
 """Loss and dL/dlogits for one chunk of logits rows, in plain PyTorch.
 
 This is the `torch` backend's row kernel and the readable twin of `triton_impl.ce_rows`: both take a chunk of
-raw logits z = W h + b (any float dtype), compute per-row loss and logsumexp in float32, and, when asked,
+raw logits z = W h + b (any float dtype), compute per-row loss in float32, and, when asked,
 overwrite the chunk in place with the gradient of (row_scale * loss) with respect to the raw logits.
 
 Per row t with target ids k, probabilities tau_k (one-hot: one id, tau=1), smoothing eps, z-loss c, weight w:
@@ -25,8 +25,8 @@ def working_bytes_per_logit(spec: LossSpec, chunk_dtype: torch.dtype) -> int:
     return own + 4 * fp32_copies
 
 
-def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool):
-    """Returns (loss_rows, lse_rows) in float32; if compute_grad, z now holds d(row_scale*loss)/dz."""
+def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool) -> torch.Tensor:
+    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale*loss)/dz."""
     x = z if z.dtype in (torch.float32, torch.float64) else z.float()
     if spec.logit_scale != 1.0:
         x.mul_(spec.logit_scale)
@@ -55,7 +55,7 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     active = rows.weight != 0
     loss = torch.where(active, rows.weight * loss, torch.zeros_like(loss))
     if not compute_grad:
-        return loss, lse
+        return loss
     coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
     # softmax = exp(x - max) / sum_exp (not exp(x - lse): lse's rounding would dominate p ~ 1 at large logits)
     p.mul_(((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef).div_(sum_exp)[:, None])
@@ -68,4 +68,4 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
         p.mul_(spec.logit_scale)
     if p.data_ptr() != z.data_ptr():
         z.copy_(p)
-    return loss, lse
+    return loss

@@ -1,4 +1,4 @@
-"""The `triton` backend's row kernel: loss, logsumexp and in-place dL/dlogits for one chunk of logits rows.
+"""The `triton` backend's row kernel: loss and in-place dL/dlogits for one chunk of logits rows.
 
 The three GEMMs of each chunk run in cuBLAS (see autograd.py); this kernel is the only other pass over the
 chunk: one program per row reads it twice (online max/sum, then gradient) and overwrites it with the gradient
@@ -42,30 +42,40 @@ def _transform(raw, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     return y, t
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["IDS", "PROBS", "WEIGHT", "SCALE"])
 def _ce_rows_kernel(
-    Z, stride_z, IDS, PROBS, WEIGHT, SCALE, stride_scale, LOSS, LSE,
+    Z, stride_z, IDS, PROBS, WEIGHT, SCALE, stride_scale, LOSS,
     V, K, logit_scale, softcap, eps, z_loss,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    K_POW2: tl.constexpr, BLOCK_V: tl.constexpr,
+    ONE_HOT: tl.constexpr, K_POW2: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """One program per row. ONE_HOT (K == 1): the target is a scalar id, matched against a block's columns with
+    a 1-D compare. Soft targets (K > 1): a (BLOCK_V, K) match. Row inputs are not specialized on alignment, so
+    chunk slices starting at any row reuse one compiled kernel; Z is always a fresh, aligned GEMM output."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
-    kk = tl.arange(0, K_POW2)
-    kmask = kk < K
-    ids = tl.load(IDS + row * K + kk, mask=kmask, other=0)
-    tau = tl.load(PROBS + row * K + kk, mask=kmask, other=0.0)
+    if ONE_HOT:
+        ids = tl.load(IDS + row)
+        tau = tl.load(PROBS + row)
+    else:
+        kk = tl.arange(0, K_POW2)
+        kmask = kk < K
+        ids = tl.load(IDS + row * K + kk, mask=kmask, other=0)
+        tau = tl.load(PROBS + row * K + kk, mask=kmask, other=0.0)
     w = tl.load(WEIGHT + row)
 
-    # Pass 1: online max and sum of exponentials, rescaled once per block (one exp per logit).
+    # Pass 1: online max and sum of exponentials, rescaled once per block (one exp per logit). The next block is
+    # loaded before this one is reduced, so a warp keeps two blocks of loads in flight.
     m = tl.full((), float("-inf"), tl.float32)
     sum_exp = tl.zeros((), tl.float32)
     x_sum = tl.zeros((), tl.float32)
+    cols = tl.arange(0, BLOCK_V)
+    raw = tl.load(z_row + cols, mask=cols < V, other=0.0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        raw = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        x, _ = _transform(raw, logit_scale, softcap, HAS_SOFTCAP)
+        nxt = tl.load(z_row + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=0.0)
+        x, _ = _transform(raw.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf)
@@ -73,19 +83,25 @@ def _ce_rows_kernel(
         m = m_new
         if HAS_SMOOTHING:
             x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        raw = nxt
     m = tl.where(m == float("-inf"), 0.0, m)
     log_sum = tl.log(sum_exp)
     lse = m + log_sum
 
-    x_ids, _ = _transform(tl.load(z_row + ids, mask=kmask, other=0.0).to(tl.float32), logit_scale, softcap,
-                          HAS_SOFTCAP)
-    tau_sum = tl.sum(tau, axis=0)
     # tau_sum*lse - sum tau x, written as tau_sum*log_sum + sum tau (m - x): no cancellation at large logits
-    loss = (1.0 - eps) * (tau_sum * log_sum + tl.sum(tau * (m - x_ids), axis=0)) + z_loss * lse * lse
+    if ONE_HOT:
+        x_ids, _ = _transform(tl.load(z_row + ids).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
+        tau_sum = tau
+        gap = tau * (m - x_ids)
+    else:
+        x_ids, _ = _transform(tl.load(z_row + ids, mask=kmask, other=0.0).to(tl.float32), logit_scale, softcap,
+                              HAS_SOFTCAP)
+        tau_sum = tl.sum(tau, axis=0)
+        gap = tl.sum(tau * (m - x_ids), axis=0)
+    loss = (1.0 - eps) * (tau_sum * log_sum + gap) + z_loss * lse * lse
     if HAS_SMOOTHING:
         loss += eps * (log_sum + m - x_sum / V)
     tl.store(LOSS + row, tl.where(w != 0.0, w * loss, 0.0))
-    tl.store(LSE + row, lse)
 
     if COMPUTE_GRAD:
         # Pass 2: g = coef * [((1-eps) T + eps + 2 c lse) p - (1-eps) tau - eps/V], chained through the cap.
@@ -94,44 +110,49 @@ def _ce_rows_kernel(
         c_row = coef * ((1.0 - eps) * tau_sum + eps + 2.0 * z_loss * lse) / sum_exp
         a = coef * (1.0 - eps) * tau
         uniform = coef * eps / V
+        cols = tl.arange(0, BLOCK_V)
+        raw = tl.load(z_row + cols, mask=cols < V, other=0.0)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
-            raw = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-            x, t = _transform(raw, logit_scale, softcap, HAS_SOFTCAP)
+            nxt = tl.load(z_row + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=0.0)
+            x, t = _transform(raw.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
             g = c_row * tl.exp(x - m) - uniform
-            hit = (cols[:, None] == ids[None, :]) & kmask[None, :]
-            g -= tl.sum(tl.where(hit, a[None, :], 0.0), axis=1)
+            if ONE_HOT:
+                g = tl.where(cols == ids, g - a, g)
+            else:
+                hit = (cols[:, None] == ids[None, :]) & kmask[None, :]
+                g -= tl.sum(tl.where(hit, a[None, :], 0.0), axis=1)
             if HAS_SOFTCAP:
                 g *= 1.0 - t * t
             g = tl.where(w != 0.0, g * logit_scale, 0.0)  # ignored rows stay exactly zero (even if NaN)
             tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=mask)
+            raw = nxt
 
 
 def _block_v(vocab: int) -> int:
     return min(4096, triton.next_power_of_2(max(vocab, 16)))
 
 
-def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool):
-    """Same contract as torch_impl.ce_rows: (loss_rows, lse_rows) float32; z overwritten by the gradient."""
+def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool) -> torch.Tensor:
+    """Same contract as torch_impl.ce_rows: loss_rows float32; z overwritten by the gradient."""
     n, vocab = z.shape
     assert z.stride(1) == 1, "logits chunk must be row-major (GEMM output)"
     acc = torch.promote_types(z.dtype, torch.float32)
     loss = torch.empty(n, dtype=acc, device=z.device)
-    lse = torch.empty(n, dtype=acc, device=z.device)
     if n == 0:
-        return loss, lse
+        return loss
     ids = rows.ids.contiguous()
     probs = rows.probs.contiguous()
     weight = rows.weight.contiguous().float()
     scale = rows.scale.float() if rows.scale.dtype != torch.float32 else rows.scale
     n_k = ids.shape[1]
     _ce_rows_kernel[(n,)](
-        z, z.stride(0), ids, probs, weight, scale, scale.stride(0), loss, lse,
+        z, z.stride(0), ids, probs, weight, scale, scale.stride(0), loss,
         vocab, n_k, spec.logit_scale, spec.softcap if spec.softcap is not None else 1.0,
         spec.label_smoothing, spec.z_loss,
         HAS_SOFTCAP=spec.softcap is not None, HAS_SMOOTHING=spec.label_smoothing != 0.0,
-        COMPUTE_GRAD=compute_grad, K_POW2=triton.next_power_of_2(n_k), BLOCK_V=_block_v(vocab),
+        COMPUTE_GRAD=compute_grad, ONE_HOT=n_k == 1, K_POW2=triton.next_power_of_2(n_k), BLOCK_V=_block_v(vocab),
         num_warps=8,
     )
-    return loss, lse
+    return loss
