@@ -77,3 +77,28 @@ def reference_linear_cross_entropy(
     if reduction == "sum":
         return total
     return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def reference_token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100, softcap=None, logit_scale=1.0,
+                          temperature=1.0, label_smoothing=0.0) -> dict:
+    """`fused_linear_token_stats` materialized (differentiable, in the dtype it is given): every output."""
+    d = hidden.shape[-1]
+    raw = torch.nn.functional.linear(hidden.reshape(-1, d), weight, bias)
+    x = transform_logits(raw, logit_scale, softcap) / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    ids = targets.reshape(-1)
+    valid = ids != ignore_index
+    safe = torch.where(valid, ids, torch.zeros_like(ids))
+    picked = logp.gather(1, safe[:, None]).squeeze(1)
+    log_probs = (1.0 - label_smoothing) * picked + label_smoothing * logp.mean(-1)
+    p = logp.exp()
+    out = {
+        "log_probs": log_probs,
+        "entropy": -(p * logp).sum(-1),
+        "log_sum_sq_probs": torch.logsumexp(2.0 * logp, dim=-1),
+        "mean_logits": x.mean(-1),
+        "is_top1": x.argmax(-1) == safe,
+    }
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return {k: (torch.where(valid, v, False) if v.dtype == torch.bool else torch.where(valid, v, zero)
+                ).reshape(targets.shape) for k, v in out.items()}
