@@ -40,8 +40,8 @@ def _acc_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.promote_types(z.dtype, torch.float32)
 
 
-def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool):
-    """Returns (loss_rows, None) in float32; if compute_grad, z now holds d(row_scale * loss)/dz_student."""
+def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool) -> torch.Tensor:
+    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale * loss)/dz_student."""
     acc = _acc_dtype(z)
     inv_t = 1.0 / spec.temperature
     hard_loss, hard_p = _hard_label_part(z, rows, spec, acc, compute_grad)
@@ -54,7 +54,7 @@ def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_
     active = rows.weight != 0
     loss = torch.where(active, rows.weight * loss, torch.zeros_like(loss))
     if not compute_grad:
-        return loss, None
+        return loss
     coef = torch.where(active, rows.weight * rows.scale.to(acc), torch.zeros_like(loss))[:, None]
     grad_s.mul_(coef * inv_t)
     if hard_p is not None:  # h (softmax(z) - onehot(y)) at temperature 1
@@ -62,7 +62,7 @@ def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_
         grad_s.scatter_add_(1, rows.ids, -spec.hard_label_weight * coef)
     if grad_s.data_ptr() != z.data_ptr():
         z.copy_(grad_s)
-    return loss, None
+    return loss
 
 
 def _divergence(log_ps, log_pt, beta, compute_grad):
