@@ -27,6 +27,7 @@ class Plan:
     bytes_per_logit: Callable  # (LossSpec, chunk dtype) -> int
     compute_dtype: torch.dtype
     budget_bytes: int
+    chunk_vocab: int | None = None  # vocab width that sizes chunks, if not the weight's (vocab-parallel ranks)
 
 
 @dataclass
@@ -61,7 +62,8 @@ def _chunk_loop(h, w, b, rows, active_rows, plan, need):
     if need_db:
         db = torch.zeros(vocab, dtype=acc_dtype, device=w.device)
     n_active = n_total if active_rows is None else active_rows.numel()
-    step = rows_per_chunk(n_active, vocab, plan.bytes_per_logit(plan.spec, plan.compute_dtype), plan.budget_bytes)
+    width = plan.chunk_vocab or vocab
+    step = rows_per_chunk(n_active, width, plan.bytes_per_logit(plan.spec, plan.compute_dtype), plan.budget_bytes)
     if need_dw:
         dw = torch.zeros(w.shape, dtype=_dw_dtype(w, acc_dtype, -(-n_active // step)), device=w.device)
     for start in range(0, n_active, step):

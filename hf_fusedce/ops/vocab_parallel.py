@@ -1,0 +1,178 @@
+"""Vocabulary-parallel fused linear + cross-entropy: each rank holds rows [vocab_start, vocab_start + V_r) of the
+head weight (tensor parallelism shards the lm_head along the vocabulary) and never sees the others.
+
+The chunk loop of `autograd.py` runs unchanged on the local slice; only the row kernel differs. Per chunk of tokens
+the statistics a row's loss needs are combined across the group with two small all-reduces (a few floats per
+token): MAX of the row max, then one SUM of [sum of exponentials, target gap, smoothing gap] packed in one tensor.
+From there the gradient of the slice's logits is local, so dW (and db) of the slice is local too. The gradient
+of the hidden states is each slice's partial product, summed over the group once, in the backward (one
+all-reduce of N x D; per chunk would be the same bytes in more messages).
+
+Every rank must pass the same hidden states and targets (tensor parallelism replicates them); the loss returned
+is the full loss, identical on every rank. Same formulas as `torch_impl.ce_rows` (see its docstring).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+
+from .api import _check_options, _check_tensors, _denominator, _plan, _row_inputs, _validate_labels_and_count
+from .autograd import FusedLinearCrossEntropyFn
+from .spec import LossSpec, RowInputs
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group=None,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    token_weights: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_budget_bytes: int | None = None,
+) -> torch.Tensor:
+    """`fused_linear_cross_entropy` with the head split over the ranks of `group` along the vocabulary.
+
+    weight (V_r, D) / bias (V_r,): this rank's rows [vocab_start, vocab_start + V_r) of the (vocab_size, D) head;
+    the ranks' slices tile [0, vocab_size) (`shard_range` gives torch's Shard(0) split). `targets` hold global
+    class ids. Gradients reach weight and bias (this slice only) and hidden (summed over the group).
+    backend: "auto" or "torch" (the row kernel is split around the all-reduces in plain PyTorch).
+    """
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"vocab-parallel cross-entropy runs the torch row kernel only; got backend={backend!r} "
+                         "(use 'auto' or 'torch')")
+    spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                    None if softcap is None else float(softcap), float(logit_scale))
+    _check_options(spec, "torch", num_items_in_batch)
+    _check_tensors(hidden, weight, targets, bias, token_weights, target_probs)
+    world = dist.get_world_size(group)
+    _check_slice(vocab_start, weight.shape[0], vocab_size, world)
+    lead = targets.shape[:-1] if target_probs is not None else targets.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    rows, valid = _row_inputs(targets, target_probs, token_weights, spec, h2.shape[0])
+    n_valid = _validate_labels_and_count(rows.ids, valid, spec, vocab_size)
+    _check_same_tokens(n_valid, h2.shape[0], group)
+    active = None if n_valid == h2.shape[0] else valid.nonzero().squeeze(1)
+    denom = _denominator(spec, num_items_in_batch, n_valid, h2.device)
+    plan = _plan(spec, "torch", hidden, weight, chunk_budget_bytes)
+    rows_fn = functools.partial(_ce_rows_shard, group=group, vocab_start=vocab_start, vocab_size=vocab_size)
+    # every rank sizes its chunks by the widest slice, so all ranks reach each all-reduce with the same rows
+    plan = dataclasses.replace(plan, ce_rows=rows_fn, chunk_vocab=math.ceil(vocab_size / world))
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        h2 = SumGradOverGroup.apply(h2, group)
+    out = FusedLinearCrossEntropyFn.apply(h2, weight, bias, rows, denom, active, plan)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def shard_range(vocab_size: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s rows when `vocab_size` rows are split as torch.chunk / DTensor Shard(0) does:
+    ceil(V / world) rows per rank, the last ranks shorter (possibly empty)."""
+    per = math.ceil(vocab_size / world)
+    return min(rank * per, vocab_size), min((rank + 1) * per, vocab_size)
+
+
+def _check_slice(start, rows, vocab_size, world):
+    if not (0 <= start and start + rows <= vocab_size):
+        raise ValueError(f"weight rows [{start}, {start + rows}) fall outside the vocabulary [0, {vocab_size})")
+    if rows > math.ceil(vocab_size / world):
+        raise ValueError(f"weight has {rows} rows, more than ceil({vocab_size} / {world} ranks): the slices "
+                         "must split the vocabulary over the group")
+
+
+def _check_same_tokens(n_valid, n_rows, group):
+    """All ranks must hold the same tokens (else their all-reduces would pair different rows, or hang):
+    a cheap MAX/MIN check on the counts, raised on every rank alike."""
+    counts = torch.tensor([n_valid, n_rows, -n_valid, -n_rows], dtype=torch.int64)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+    if counts[0] != -counts[2] or counts[1] != -counts[3]:
+        raise ValueError("vocab-parallel cross-entropy: ranks of the group hold different tokens (counts of rows "
+                         f"{-int(counts[3])}..{int(counts[1])}, of non-ignored targets {-int(counts[2])}.."
+                         f"{int(counts[0])}); tensor parallelism needs the same hidden states and targets on every rank")
+
+
+class SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (each rank's dh covers its vocab slice)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool, *, group, vocab_start,
+                   vocab_size):
+    """`torch_impl.ce_rows` on a vocabulary slice: same outputs for the full row; z (n, V_r) holds this slice's
+    raw logits and, if compute_grad, becomes the gradient of those logits."""
+    x = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    if spec.logit_scale != 1.0:
+        x.mul_(spec.logit_scale)
+    tanh = None
+    if spec.softcap is not None:
+        tanh = x.div_(spec.softcap).tanh_()
+        x = tanh * spec.softcap  # new buffer: tanh is kept for the chain rule
+    n, width = x.shape
+    eps, zl = spec.label_smoothing, spec.z_loss
+    local_ids = rows.ids - vocab_start
+    mine = (local_ids >= 0) & (local_ids < width)
+    local_ids = torch.where(mine, local_ids, 0)
+    tau = rows.probs
+    tau_mine = torch.where(mine, tau, 0.0) if width else torch.zeros_like(tau)
+
+    row_max = x.amax(1) if width else x.new_full((n,), -math.inf)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    x.sub_(row_max[:, None])  # shifted by the global max: every term below is a sum of non-negative numbers
+    parts = [None, -(tau_mine * x.gather(1, local_ids)).sum(1) if width else x.new_zeros(n)]
+    if eps:
+        parts.append(-x.sum(1))
+    p = x.exp_()
+    parts[0] = p.sum(1)
+    sums = torch.stack(parts)
+    dist.all_reduce(sums, group=group)  # [sum_exp, sum_k tau_k (max - x_k), sum_j (max - x_j)] of the full row
+    sum_exp, tau_dot_gap = sums[0], sums[1]
+    tau_sum = tau.sum(1)
+    log_sum = sum_exp.log()
+    lse = row_max + log_sum
+    loss = (1.0 - eps) * (tau_sum * log_sum + tau_dot_gap)
+    if eps:
+        loss = loss + eps * (log_sum + sums[2] / vocab_size)
+    if zl:
+        loss = loss + zl * lse.square()
+    active = rows.weight != 0
+    loss = torch.where(active, rows.weight * loss, torch.zeros_like(loss))
+    if not compute_grad:
+        return loss, lse
+    coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
+    p.mul_(((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef).div_(sum_exp)[:, None])
+    if width:
+        p.scatter_add_(1, local_ids, -(1.0 - eps) * tau_mine * coef[:, None])
+    if eps:
+        p.sub_((eps / vocab_size) * coef[:, None])
+    if tanh is not None:
+        p.mul_(tanh.square_().neg_().add_(1.0))
+    if spec.logit_scale != 1.0:
+        p.mul_(spec.logit_scale)
+    if p.data_ptr() != z.data_ptr():
+        z.copy_(p)
+    return loss, lse
