@@ -133,5 +133,7 @@ def _plan(spec, backend, hidden, weight, budget) -> Plan:
 
 def _resolve_backend(backend, device):
     if api._resolve_backend(backend, device).__name__.endswith("triton_impl"):
-        raise ValueError("fused_linear_distillation has no triton row kernel yet: use backend='torch'")
+        from . import distill_triton
+
+        return distill_triton
     return distill_torch

@@ -10,21 +10,19 @@ import pytest
 import torch
 
 from hf_fusedce import fused_linear_distillation
-from hf_fusedce.ops import reference_linear_distillation
+from hf_fusedce.ops import reference_linear_distillation, triton_available
 from hf_fusedce.testing import assert_within_tolerance, rel_err, run_with_grads, tolerance_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["torch"]  # the triton row kernel comes next
+BACKENDS = ["torch"] + (["triton"] if triton_available(DEVICE) else [])
 LEAD, D, DT, V = (3, 11), 37, 53, 301  # 33 tokens; teacher wider than the student; nothing a block multiple
 SMALL_BUDGET = 5 * V * 40  # a few rows per chunk: chunk boundaries and an uneven tail
 
 OPTIONS = {
     "plain": {},
-    "temperature_biases": {"temperature": 2.5, "bias": True, "teacher_bias": True},
-    "hard_labels": {"hard_label_weight": 0.4, "temperature": 0.7},
-    "sum": {"reduction": "sum", "bias": True},
-    "none": {"reduction": "none", "hard_label_weight": 0.2},
-    "num_items": {"num_items_in_batch": 19, "temperature": 1.5},
+    "temperature_biases_sum": {"temperature": 2.5, "bias": True, "teacher_bias": True, "reduction": "sum"},
+    "hard_labels_none": {"hard_label_weight": 0.4, "temperature": 0.7, "reduction": "none"},
+    "num_items_hard_labels": {"num_items_in_batch": 19, "temperature": 1.5, "hard_label_weight": 0.2},
     "no_targets": {"targets": False},
 }
 
