@@ -122,8 +122,8 @@ class SumGradOverGroup(torch.autograd.Function):
 
 def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool, *, group, vocab_start,
                    vocab_size):
-    """`torch_impl.ce_rows` on a vocabulary slice: same outputs for the full row; z (n, V_r) holds this slice's
-    raw logits and, if compute_grad, becomes the gradient of those logits."""
+    """`torch_impl.ce_rows` on a vocabulary slice: the loss of the full rows; z (n, V_r) holds this slice's raw
+    logits and, if compute_grad, becomes the gradient of those logits."""
     x = z if z.dtype in (torch.float32, torch.float64) else z.float()
     if spec.logit_scale != 1.0:
         x.mul_(spec.logit_scale)
@@ -162,7 +162,7 @@ def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_gra
     active = rows.weight != 0
     loss = torch.where(active, rows.weight * loss, torch.zeros_like(loss))
     if not compute_grad:
-        return loss, lse
+        return loss
     coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
     p.mul_(((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef).div_(sum_exp)[:, None])
     if width:
@@ -175,4 +175,4 @@ def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_gra
         p.mul_(spec.logit_scale)
     if p.data_ptr() != z.data_ptr():
         z.copy_(p)
-    return loss, lse
+    return loss
