@@ -143,12 +143,12 @@ def _block_v(vocab: int) -> int:
 
 
 def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool):
-    """Same contract as distill_torch.distill_rows: (loss_rows, None); z overwritten by the gradient."""
+    """Same contract as distill_torch.distill_rows: loss_rows; z overwritten by the gradient."""
     n, vocab = z.shape
     assert z.stride(1) == 1, "logits chunk must be row-major (GEMM output)"
     loss = torch.empty(n, dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
     if n == 0:
-        return loss, None
+        return loss
     zt = rows.teacher_logits()
     scale = rows.scale.float() if rows.scale.dtype != torch.float32 else rows.scale
     beta = spec.beta
@@ -162,4 +162,4 @@ def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_
         MODE=mode, HAS_HARD=hard, HARD_SEPARATE=hard and spec.temperature != 1.0, COMPUTE_GRAD=compute_grad,
         BLOCK_V=_block_v(vocab), num_warps=8,
     )
-    return loss, None
+    return loss
