@@ -4,9 +4,9 @@ from .ops import fused_linear_cross_entropy, fused_linear_distillation
 __version__ = "0.1.0"
 
 _LAZY = {
-    "patch": "hf_fusedce.hf.patching",
-    "unpatch": "hf_fusedce.hf.patching",
-    "patched": "hf_fusedce.hf.patching",
+    "patch": "hf_fusedce.integrations",
+    "unpatch": "hf_fusedce.integrations",
+    "patched": "hf_fusedce.integrations",
     "is_patched": "hf_fusedce.hf.patching",
     "supported_model_types": "hf_fusedce.hf.patching",
     "FusedCETrainer": "hf_fusedce.trainer",

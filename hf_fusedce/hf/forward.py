@@ -26,6 +26,11 @@ from .heads import HeadSpec, resolve
 
 COUNTERS = {"fused": 0, "stock": 0}  # lets tests and `check` tell which path ran
 
+# Outside protocols the patched forward speaks, {call keyword: handler(model, original, spec, options, call)}:
+# a truthy keyword hands the call to its handler. hf_fusedce.integrations registers them (TRL's
+# `fused_lm_head`); hf never imports integrations.
+PROTOCOLS: dict = {}
+
 
 @dataclass(frozen=True)
 class FusedOptions:
@@ -46,6 +51,9 @@ class _Captured(Exception):
 def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args, kwargs):
     """`original` is the bound stock forward; args/kwargs are what the caller passed."""
     call = _bind(original, args, kwargs)
+    for keyword, handler in PROTOCOLS.items():
+        if keyword in call and call.pop(keyword):
+            return handler(model, original, spec, options, call)
     skip_logits = call.pop("skip_logits", None)  # Trainer / Liger convention: accepted, never forwarded
     if not _should_fuse(model, call, skip_logits):
         COUNTERS["stock"] += 1
@@ -149,28 +157,48 @@ def _slice_like_hidden(targets, keep):
     return slice_logits_to_keep(targets.unsqueeze(-1), keep).squeeze(-1)
 
 
-def _head_loss(model, spec, options, head, hidden, call):
-    targets, ignore_index = _targets(model, spec, call, hidden)
-    num_items = call.get("num_items_in_batch") if spec.shift else None
-    softcap = resolve(model, spec.softcap) if spec.softcap else None
+@dataclass(frozen=True)
+class HeadTransform:
+    """What the family does to the head's output, resolved on the model (heads.HEADS declares where)."""
+    softcap: float | None
+    scale: float
+    vocab: int | None
+    z_coef: float
+
+
+def head_transform(model, spec: HeadSpec) -> HeadTransform:
     scale = 1.0
     if spec.logit_mul:
         scale *= float(resolve(model, spec.logit_mul))
     if spec.logit_div:
         scale /= float(resolve(model, spec.logit_div))
-    vocab = int(resolve(model, spec.vocab_slice)) if spec.vocab_slice else None
-    z_coef = float(resolve(model, spec.z_loss) or 0.0) if spec.z_loss else 0.0
+    return HeadTransform(resolve(model, spec.softcap) if spec.softcap else None, scale,
+                         int(resolve(model, spec.vocab_slice)) if spec.vocab_slice else None,
+                         float(resolve(model, spec.z_loss) or 0.0) if spec.z_loss else 0.0)
+
+
+def head_operands(inner, h, vocab: int | None):
+    """(hidden', weight, bias) of the head module, adapters included, full tensors, cut to the vocabulary."""
+    h2, weight, bias = adapters.linear_parts(inner, h)
+    weight, bias = gather.full_tensor(weight), gather.full_tensor(bias)
+    gather.check_materialized(weight)
+    if vocab is not None:
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    return h2, weight, bias
+
+
+def _head_loss(model, spec, options, head, hidden, call):
+    targets, ignore_index = _targets(model, spec, call, hidden)
+    num_items = call.get("num_items_in_batch") if spec.shift else None
+    t = head_transform(model, spec)
+    softcap, scale = t.softcap, t.scale
 
     def run(inner, h):
-        h2, weight, bias = adapters.linear_parts(inner, h)
-        weight, bias = gather.full_tensor(weight), gather.full_tensor(bias)
-        gather.check_materialized(weight)
-        if vocab is not None:
-            weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+        h2, weight, bias = head_operands(inner, h, t.vocab)
         common = dict(bias=bias, softcap=softcap, logit_scale=scale, backend=options.backend,
                       chunk_budget_bytes=options.chunk_budget_bytes, label_smoothing=options.label_smoothing)
-        if z_coef > 0:
-            loss = _bamba_loss(h2, weight, targets, ignore_index, num_items, z_coef, common)
+        if t.z_coef > 0:
+            loss = _bamba_loss(h2, weight, targets, ignore_index, num_items, t.z_coef, common)
         else:
             loss = fused_linear_cross_entropy(h2, weight, targets, ignore_index=ignore_index,
                                               num_items_in_batch=num_items, z_loss=options.z_loss, **common)

@@ -88,12 +88,17 @@ def _installed(target) -> PatchedForward | None:
 
 
 def _wrapped_patch(target) -> bool:
-    """A PatchedForward under someone else's wrapper (accelerate's autocast / fp32-output wrappers keep it in
-    their `__wrapped__` chain or closure)."""
+    """A forward of ours under wrappers that call what they wrap (accelerate's autocast / fp32-output wrappers
+    keep it in their `__wrapped__` chain or closure). Other libraries' wrappers (TRL's fused head, Liger) do
+    not call it for the loss, so they end the walk."""
     fwd, seen = target.__dict__.get("forward"), 0
     while fwd is not None and seen < 8:
-        if isinstance(fwd, PatchedForward):
+        if getattr(fwd, "__hf_fusedce__", False):
             return True
+        func = getattr(fwd, "__func__", fwd)  # where it was written: wrappers copy `__module__`
+        module = func.__globals__["__name__"] if hasattr(func, "__globals__") else type(func).__module__
+        if not module.startswith(("accelerate.", "torch.")):
+            return False
         fwd = getattr(fwd, "__wrapped__", None) or getattr(fwd, "__func__", None)
         seen += 1
     return False
@@ -137,9 +142,18 @@ def unpatch(model=None):
 
 
 def is_patched(model) -> bool:
+    """Whether the model's forward is hf_fusedce's (instance or class patch); False once something else (TRL's
+    fused head, Liger, Unsloth, ...) replaced it."""
     target = _target(model)
-    return (_installed(target) is not None or _wrapped_patch(target)
-            or any(cls in _CLASS_PATCHES for cls in type(target).__mro__))
+    if "forward" in target.__dict__:
+        return _installed(target) is not None or _wrapped_patch(target)
+    owner = next((c for c in type(target).__mro__ if "forward" in c.__dict__), None)
+    return owner in _CLASS_PATCHES and getattr(owner.__dict__["forward"], "__hf_fusedce__", False)
+
+
+def globally_patched() -> bool:
+    """patch() without a model is active."""
+    return "options" in _GLOBAL
 
 
 @contextlib.contextmanager
@@ -176,6 +190,7 @@ def _patch_class(cls, options):
             return bound(*args, **kwargs)
         return generic_forward(self, bound, spec, _GLOBAL["options"], args, kwargs)
 
+    forward.__hf_fusedce__ = True
     _CLASS_PATCHES[cls] = stock
     cls.forward = forward
 
