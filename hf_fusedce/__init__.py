@@ -10,7 +10,8 @@ _LAZY = {
     "is_patched": "hf_fusedce.hf.patching",
     "supported_model_types": "hf_fusedce.hf.patching",
     "FusedCETrainer": "hf_fusedce.trainer",
-    "FusedCEConfig": "hf_fusedce.trainer",
+    "FusedCEConfig": "hf_fusedce.callback",
+    "FusedCEMemoryCallback": "hf_fusedce.callback",
 }
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_distillation", *_LAZY]

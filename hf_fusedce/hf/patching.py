@@ -15,6 +15,8 @@ import sys
 import types
 import warnings
 
+import torch
+
 from .forward import FusedOptions, generic_forward
 from .heads import HEADS, PLAIN, REFUSED, HeadSpec, model_type_of
 
@@ -27,10 +29,16 @@ def supported_model_types() -> list[str]:
     return sorted(HEADS)
 
 
-def _target(model):
-    """The transformers model inside a peft.PeftModel (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+def unwrap(model):
+    """The transformers model inside a peft.PeftModel and DDP / FSDP / DeepSpeed wrappers (or the model)."""
+    for _ in range(8):
+        if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module) and not hasattr(model, "config"):
+            model = model.module
+        else:
+            break
+    return model
 
 
 def _spec(model, force: bool) -> HeadSpec:
@@ -116,7 +124,7 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
     if model is None:
         _patch_classes(options)
         return None
-    target = _target(model)
+    target = unwrap(model)
     spec = _spec(target, force)
     current = _installed(target)
     if current is not None:  # patching twice == once: only the options are refreshed
@@ -131,7 +139,7 @@ def unpatch(model=None):
     if model is None:
         _unpatch_classes()
         return None
-    target = _target(model)
+    target = unwrap(model)
     current = _installed(target)
     if current is not None:
         if current.own_forward is not None:
@@ -144,7 +152,7 @@ def unpatch(model=None):
 def is_patched(model) -> bool:
     """Whether the model's forward is hf_fusedce's (instance or class patch); False once something else (TRL's
     fused head, Liger, Unsloth, ...) replaced it."""
-    target = _target(model)
+    target = unwrap(model)
     if "forward" in target.__dict__:
         return _installed(target) is not None or _wrapped_patch(target)
     owner = next((c for c in type(target).__mro__ if "forward" in c.__dict__), None)
@@ -159,7 +167,7 @@ def globally_patched() -> bool:
 @contextlib.contextmanager
 def patched(model, **options):
     """`with patched(model): ...` patches for the block only (a model already patched stays patched)."""
-    was = _installed(_target(model)) is not None
+    was = _installed(unwrap(model)) is not None
     patch(model, **options)
     try:
         yield model

@@ -16,8 +16,8 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from hf_fusedce.demo.model import build_tiny_llama  # noqa: E402
 
 VOCAB = 1024
-MEM_KEYS = ("fusedce/tokens_per_sec", "fusedce/head_saved_mib_measured", "fusedce/head_saved_mib_est",
-            "fusedce/head_stock_peak_mib", "fusedce/head_fused_peak_mib")
+MEM_KEYS = ("fusedce/tokens_per_sec", "fusedce/head_saved_mib", "fusedce/head_stock_mib_formula",
+            "fusedce/head_fused_peak_mib")
 
 
 def _tiny_model(seed=0, **kw):
@@ -116,14 +116,14 @@ def test_memory_keys_in_logs(pair):
         assert h["fusedce/rss_peak_mib"] > 0
     rec = next(c for c in fused.callback_handler.callbacks if isinstance(c, _Recorder))
     seen = [h for h in rec.logs if "loss" in h]
-    assert len(seen) == 20 and all(k in seen[0] for k in MEM_KEYS)  # loggers get the keys via Trainer.log
+    assert len(seen) == 20 and all(k in seen[0] for k in MEM_KEYS)  # loggers get the keys
     probe = fused.fusedce_probe
-    assert probe["status"] == "measured" and probe["method"] == "live_tensor_tracker"
-    # stock head holds [tokens x vocab] fp32 logits (and their gradient); the fused head must stay below it
-    assert probe["stock_peak_bytes"] >= probe["tokens"] * VOCAB * 4
-    assert 0 < probe["fused_peak_bytes"] < probe["stock_peak_bytes"]
-    assert logs[0]["fusedce/head_saved_mib_measured"] == pytest.approx(
-        (probe["stock_peak_bytes"] - probe["fused_peak_bytes"]) / 2**20)
+    assert probe["method"] == "live_tensor_tracker" and probe["stock_peak_bytes"] is None  # stock head not run
+    # the stock head holds [tokens x vocab] fp32 logits (and their gradient); the fused head stays below it
+    assert probe["stock_formula_bytes"] >= 3 * probe["tokens"] * VOCAB * 4
+    assert 0 < probe["fused_peak_bytes"] < probe["stock_formula_bytes"]
+    assert logs[0]["fusedce/head_saved_mib"] == pytest.approx(
+        (probe["stock_formula_bytes"] - probe["fused_peak_bytes"]) / 2**20)
 
 
 def test_summary_json_and_model_card(pair):
@@ -133,14 +133,14 @@ def test_summary_json_and_model_card(pair):
         summary = json.load(f)
     assert summary["patched"] is True and summary["global_step"] == 20
     probe = summary["loss_head_probe"]
-    for k in ("stock_peak_mib", "fused_peak_mib", "saved_mib", "tokens", "method"):
+    for k in ("stock_formula_mib", "fused_peak_mib", "saved_mib", "tokens", "method"):
         assert k in probe
     assert summary["training"]["tokens"] > 0 and summary["training"]["rss_peak_mib_max"] > 0
     assert len(summary["intervals"]) == 20 and "fusedce/tokens_per_sec" in summary["intervals"][0]
     fused.create_model_card(model_name="tiny")
     with open(os.path.join(fused.args.output_dir, "README.md")) as f:
         card = f.read()
-    assert "## Training memory" in card and "| fused |" in card
+    assert "## Training memory" in card and "| fused |" in card and "exact allocation formula" in card
 
 
 def _short_pair(tmp_path, steps=4, **kw):
@@ -184,23 +184,26 @@ def test_disabled_keeps_stock_head_but_still_reports(tmp_path):
     assert t.fusedce_summary["patched"] is False
 
 
-def test_stock_head_that_does_not_fit_is_reported_not_raised(tmp_path, monkeypatch):
-    from hf_fusedce import FusedCETrainer
+def test_measured_stock_head_equals_its_formula_and_a_stock_head_that_does_not_fit_is_not_run(tmp_path,
+                                                                                             monkeypatch):
+    from hf_fusedce import FusedCEConfig, FusedCETrainer, memory
 
-    def oom(*a, **k):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    t = FusedCETrainer(model=_tiny_model(), args=_args(tmp_path, "oom", max_steps=2),
-                       train_dataset=_dataset(8), data_collator=_collate)
-    monkeypatch.setattr(t, "_fce_stock_head", oom)
+    t = FusedCETrainer(model=_tiny_model(), args=_args(tmp_path, "measure", max_steps=1), train_dataset=_dataset(4),
+                       data_collator=_collate, fusedce_config=FusedCEConfig(stock_head="measure"))
     t.train()
     probe = t.fusedce_probe
-    assert probe["stock_fits"] is False and probe["status"].startswith("stock head does not fit")
-    assert probe["fused_peak_bytes"] > 0
+    assert probe["stock_peak_bytes"] == probe["stock_formula_bytes"] > probe["fused_peak_bytes"] > 0
     log = [h for h in t.state.log_history if "loss" in h][0]
-    assert log["fusedce/head_stock_peak_mib"] == -1.0 and "fusedce/head_saved_mib_measured" not in log
-    assert log["fusedce/head_saved_mib_analytic"] > 0 and "fusedce/head_saved_mib_est" not in log
-    assert "does not fit" in t.memory_report_markdown()
+    assert log["fusedce/head_stock_peak_mib"] == pytest.approx(probe["stock_peak_bytes"] / 2**20)
+
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 2**16)  # pretend 64 KiB of RAM is free
+    t = FusedCETrainer(model=_tiny_model(), args=_args(tmp_path, "nofit", max_steps=1), train_dataset=_dataset(4),
+                       data_collator=_collate, fusedce_config=FusedCEConfig(stock_head="measure"))
+    t.train()
+    probe = t.fusedce_probe
+    assert probe["stock_fits"] is False and probe["status"].startswith("stock head not run")
+    assert probe["stock_peak_bytes"] is None and probe["fused_peak_bytes"] > 0
+    assert "exact allocation formula" in t.memory_report_markdown()
 
 
 def test_lora_run_trains(tmp_path):
@@ -218,24 +221,28 @@ def test_lora_run_trains(tmp_path):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed
-    assert t.fusedce_probe["status"] == "measured"
+    assert t.fusedce_probe["fused_peak_bytes"] > 0
 
 
-def test_probe_uses_a_synthetic_weight_when_the_real_one_is_partitioned(tmp_path):
-    """ZeRO-3 leaves an empty partition outside the module's hooks (numel 0, the shape in `ds_shape`)."""
-    from hf_fusedce import FusedCETrainer
+def test_probe_builds_no_full_weight_when_the_real_one_is_partitioned(tmp_path):
+    """ZeRO-3 leaves an empty partition outside the module's hooks (numel 0, the shape in `ds_shape`): the probe
+    gives the stock head from its formula and builds no V x D weight of its own."""
+    from hf_fusedce import FusedCEMemoryCallback
+    from hf_fusedce.memory import LiveTensorTracker
 
-    t = FusedCETrainer(model=_tiny_model(), args=_args(tmp_path, "z3", max_steps=1), train_dataset=_dataset(4),
-                       data_collator=_collate)
+    model = _tiny_model()
     empty = torch.nn.Parameter(torch.empty(0))
     empty.ds_shape = (VOCAB, 64)
-    t.model.lm_head.weight = empty
-    w, source = t._fce_head_weight()
-    assert tuple(w.shape) == (VOCAB, 64) and source.startswith("synthetic")
+    model.lm_head.weight = empty
     labels = torch.full((2, 16), 5)
-    probe = t._fce_run_probe({"input_ids": labels, "labels": labels})
-    assert probe["status"] == "measured" and probe["stock_peak_bytes"] > 0 and probe["fused_peak_bytes"] > 0
-    assert probe["weight_source"].startswith("synthetic") and probe["vocab_size"] == VOCAB
+    cb = FusedCEMemoryCallback()
+    cb._first_batch = {"input_ids": labels, "labels": labels, "model": model}
+    with LiveTensorTracker() as tracker:
+        probe = cb._run_probe(_args(tmp_path, "z3"))
+    assert probe["status"].startswith("fused head not measured: the lm_head weight is partitioned")
+    assert probe["fused_peak_bytes"] is None and probe["vocab_size"] == VOCAB and probe["hidden_size"] == 64
+    assert probe["stock_formula_bytes"] > 32 * VOCAB * 12
+    assert tracker.largest_numel < VOCAB * 64
 
 
 def test_model_init_is_patched(tmp_path):
