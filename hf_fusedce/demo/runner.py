@@ -96,7 +96,8 @@ def run_one(label: str, fused: bool, opt: DemoOptions, dataset, vocab_size: int)
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ..trainer import FusedCEConfig, FusedCETrainer
+    from ..callback import FusedCEConfig
+    from ..trainer import FusedCETrainer
     from .model import build_tiny_llama
 
     device = _device(opt)
@@ -110,7 +111,7 @@ def run_one(label: str, fused: bool, opt: DemoOptions, dataset, vocab_size: int)
         data_seed=opt.seed, use_cpu=device == "cpu", bf16=opt.bf16, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=True)
     # The loss-head probe (stock vs fused head in isolation) runs once, in the fused run.
-    cfg = FusedCEConfig(enabled=fused, track_step_tensors=device == "cpu", memory_probe=fused)
+    cfg = FusedCEConfig(enabled=fused, track_step_tensors=device == "cpu", memory_probe=fused, stock_head="measure")
     trainer = FusedCETrainer(model=model, args=args, train_dataset=dataset, fusedce_config=cfg)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -140,18 +141,16 @@ def run_one(label: str, fused: bool, opt: DemoOptions, dataset, vocab_size: int)
 
 def _stock_skip_reason(opt: DemoOptions, vocab: int) -> str | None:
     """On CPU a stock run whose loss head cannot fit in RAM would be killed by the kernel (no catchable OOM):
-    skip it, saying why (estimate). On CUDA the trainer's probe catches the OOM itself."""
-    import torch
-
-    from ..trainer import available_host_bytes, stock_head_bytes_estimate
+    skip it, saying why (the head's exact allocation formula). On CUDA an OOM is an exception."""
+    from .. import memory
 
     if _device(opt) == "cuda":
         return None
-    need = stock_head_bytes_estimate(opt.batch_size * opt.seq_len, vocab,
-                                     torch.bfloat16 if opt.bf16 else torch.float32)
-    avail = available_host_bytes()
+    need = memory.stock_head_peak_bytes(opt.batch_size * opt.seq_len, vocab, opt.hidden_size,
+                                        2 if opt.bf16 else 4, autocast=opt.bf16)
+    avail = memory.available_host_bytes()
     if avail is not None and need > 0.7 * avail:
-        return (f"its loss head needs about {need / 2**30:.1f} GiB (estimated) with {avail / 2**30:.1f} GiB of RAM "
+        return (f"its loss head needs {need / 2**30:.2f} GiB (formula) with {avail / 2**30:.2f} GiB of RAM "
                 f"available")
     return None
 
@@ -194,10 +193,13 @@ def format_table(res: dict) -> str:
                      f"({'curves agree' if res['agree'] else 'CURVES DIFFER'}, tolerance {res['tolerance']:.0e})")
     if probe.get("stock_fits") is False:
         lines.append(f"loss head probe: {probe.get('status')}")
-    if probe.get("saved_mib") is not None:
+    if probe.get("stock_peak_mib") is not None:
         lines.append(f"loss head memory saved: {probe['saved_mib']:,.1f} MiB "
                      f"({probe['stock_peak_mib'] / max(probe['fused_peak_mib'], 1e-9):.1f}x less) on "
                      f"{probe['tokens']} tokens x {probe['vocab_size']} vocab, measured with {probe['method']}")
+    elif probe.get("stock_formula_mib") is not None:
+        lines.append(f"stock loss head (not run): {probe['stock_formula_mib']:,.1f} MiB by its exact allocation "
+                     f"formula, on {probe['tokens']} tokens x {probe['vocab_size']} vocab")
     lines.append(f"training step peak: {f['step_peak_kind']}")
     return "\n".join(lines)
 

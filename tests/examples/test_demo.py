@@ -36,15 +36,15 @@ def test_demo_small_vocab_trains_a_bpe(tmp_path):
 def test_demo_skips_a_stock_run_that_cannot_fit_in_ram(tmp_path, monkeypatch, capsys):
     """On CPU an OOM kills the process, so a stock head larger than the available RAM is not run: the demo
     and the trainer's probe both say it does not fit (estimate), and the fused run still trains."""
-    import hf_fusedce.trainer as tr
+    from hf_fusedce import memory
     from hf_fusedce.demo.runner import DemoOptions, run_demo
 
-    monkeypatch.setattr(tr, "available_host_bytes", lambda: 8 * 2**20)  # pretend 8 MiB of RAM is free
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 8 * 2**20)  # pretend 8 MiB of RAM is free
     res = run_demo(DemoOptions(steps=2, seq_len=64, batch_size=2, hidden_size=64, out=str(tmp_path / "d"),
                                device="cpu"))
     text = capsys.readouterr().out
     assert "stock run skipped" in text and "does not fit" in text
     assert res["agree"] and res["stock"]["skipped"] and len(res["fused"]["losses"]) == 2
     probe = res["fused"]["probe"]
-    assert probe["stock_fits"] is False and "estimated" in probe["status"] and probe["fused_peak_mib"] > 0
+    assert probe["stock_fits"] is False and "formula" in probe["status"] and probe["fused_peak_mib"] > 0
     assert os.path.exists(os.path.join(str(tmp_path / "d"), "hf_fusedce_demo.png"))
