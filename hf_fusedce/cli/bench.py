@@ -60,6 +60,13 @@ def register(subparsers):
     g.add_argument("--profile-at", default=None, metavar="SHAPE:N",
                    help="where to profile (default CUDA llama3-8b:8192 bf16; CPU the first shape and N)")
     g.add_argument("--profile-impl", default=None, help="impl to profile (default ours-triton on CUDA, else ours-torch)")
+    g = p.add_argument_group("distillation (--op distill: ours vs TRL's chunked divergence vs materialized)")
+    g.add_argument("--op", choices=("ce", "distill"), default="ce",
+                   help="ce: the cross-entropy head (default); distill: fused_linear_distillation (default N 4096, "
+                        "shape 512x32000, fp32)")
+    g.add_argument("--beta", default="0.0", help="--op distill: comma list of beta (0 KL(t||s), 1 KL(s||t))")
+    g.add_argument("--temperature", type=float, default=1.0, help="--op distill: temperature")
+    g.add_argument("--teacher-dim", type=int, default=None, help="--op distill: teacher hidden size (default D)")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="only rewrite results.md and results.png from an existing results.json")
     p.set_defaults(func=run)
@@ -102,7 +109,8 @@ def _command_line(args) -> list[str]:
     cmd = ["hf-fusedce", "bench"]
     for k, v in sorted(vars(args).items()):
         if k in ("func", "command") or v in (None, False) or (k == "max_seconds" and v == 3.0) or \
-                (k == "ref" and v == "min") or (k == "seed" and v == 0) or (k == "e2e_repeats" and v == 3):
+                (k == "ref" and v == "min") or (k == "seed" and v == 0) or (k == "e2e_repeats" and v == 3) or \
+                (k == "op" and v == "ce") or (k == "beta" and v == "0.0") or (k == "temperature" and v == 1.0):
             continue
         flag = "--" + k.replace("_", "-")
         if v is True:
@@ -150,6 +158,10 @@ def run(args) -> int:
     except ValueError as err:
         print(f"hf-fusedce bench: {err}", file=sys.stderr)
         return 2
+    if args.op == "distill":
+        from hf_fusedce.bench.distill import run as run_distill
+
+        return run_distill(args, device, _command_line(args))
     cuda = device.type == "cuda"
     cfg = BenchConfig(warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
                       repeats=args.repeats if args.repeats is not None else (10 if cuda else 3),
