@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from ..hf import patching
-from . import liger, trl
+from . import liger, trl, trl_distillation
 
 _WARNED = "_hf_fusedce_displaced_warned"
 
@@ -23,6 +23,7 @@ def patch(model=None, **options):
     result = patching.patch(model, **options)
     if trl.installed():
         trl.activate(model)
+        trl_distillation.activate()  # DistillationTrainer: the fused distillation op for patched students
     if liger.installed():
         liger.activate(model, **options)
     if model is not None:

@@ -44,6 +44,32 @@ def fused_linear_distillation(
     mode is on are refused (pass ``.detach()``, compute them under ``torch.no_grad()``, or freeze the teacher), so
     a gradient is never dropped silently. ``teacher_hidden`` (..., Dt) may have a different width than the student.
     """
+    return _run(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, beta, temperature,
+                ignore_index, reduction, num_items_in_batch, hard_label_weight, student_bias, teacher_bias, backend,
+                chunk_budget_bytes, None)
+
+
+def distillation_loss_and_entropy(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, beta=0.0, temperature=1.0,
+    ignore_index=-100, reduction="mean", num_items_in_batch=None, hard_label_weight=0.0, student_bias=None,
+    teacher_bias=None, backend="auto", chunk_budget_bytes=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_linear_distillation` plus the sum over counted tokens of the student's entropy at the temperature
+    (a detached float32 scalar, for logging: TRL's DistillationTrainer reports it), from the same pass."""
+    if reduction == "none":
+        raise ValueError("distillation_loss_and_entropy needs reduction 'mean' or 'sum' (the entropy is summed in "
+                         "the forward, which reduction='none' recomputes in the backward)")
+    device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else None
+    entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
+    loss = _run(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, beta, temperature,
+                ignore_index, reduction, num_items_in_batch, hard_label_weight, student_bias, teacher_bias, backend,
+                chunk_budget_bytes, entropy_sum)
+    return loss, entropy_sum
+
+
+def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, beta, temperature, ignore_index,
+         reduction, num_items_in_batch, hard_label_weight, student_bias, teacher_bias, backend, chunk_budget_bytes,
+         entropy_sum):
     spec = DistillSpec(float(beta), float(temperature), float(hard_label_weight), ignore_index, reduction,
                        targets is not None)
     _check_options(spec, backend, num_items_in_batch)
@@ -57,7 +83,7 @@ def fused_linear_distillation(
     rows, valid = api._row_inputs(labels, None, None, loss_spec, s2.shape[0])
     n_valid = api._validate_labels_and_count(rows.ids, valid, loss_spec, student_weight.shape[0])
     active = None if n_valid == s2.shape[0] else valid.nonzero().squeeze(1)
-    teacher = _teacher_rows(rows, t2, teacher_weight, teacher_bias)
+    teacher = _teacher_rows(rows, t2, teacher_weight, teacher_bias, entropy_sum)
     denom = api._denominator(loss_spec, num_items_in_batch, n_valid, s2.device)
     plan = _plan(spec, backend, student_hidden, student_weight, chunk_budget_bytes)
     out = FusedLinearCrossEntropyFn.apply(s2, student_weight, student_bias, teacher, denom, active, plan)
@@ -114,13 +140,14 @@ def _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weigh
                              "it with teacher.requires_grad_(False)")
 
 
-def _teacher_rows(rows, teacher_hidden, teacher_weight, teacher_bias) -> TeacherRows:
+def _teacher_rows(rows, teacher_hidden, teacher_weight, teacher_bias, entropy_sum) -> TeacherRows:
     """The teacher head runs in its autocast dtype if autocast is on (as its forward would), else its own."""
     device_type = teacher_hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else teacher_weight.dtype
     weight = teacher_weight.detach().to(dtype)
     bias = None if teacher_bias is None else teacher_bias.detach().to(dtype)
-    return TeacherRows(rows.ids, rows.probs, rows.weight, rows.scale, teacher_hidden.detach(), weight, bias)
+    return TeacherRows(rows.ids, rows.probs, rows.weight, rows.scale, teacher_hidden.detach(), weight, bias,
+                       entropy_sum)
 
 
 def _plan(spec, backend, hidden, weight, budget) -> Plan:

@@ -30,17 +30,20 @@ class DistillSpec:
 @dataclass
 class TeacherRows(RowInputs):
     """RowInputs (ids (n, 1) hard labels or zeros, probs unused, weight = 1 on counted tokens, scale) plus the
-    teacher: hidden rows (n, Dt), and its head (shared by every chunk) in the dtype its GEMM runs in."""
+    teacher: hidden rows (n, Dt), and its head (shared by every chunk) in the dtype its GEMM runs in.
+    entropy_sum: None, or a float32 scalar shared by every chunk that the row function adds the student's entropy
+    (at the temperature) of each counted row into (TRL logs it)."""
 
     teacher_hidden: torch.Tensor = None
     teacher_weight: torch.Tensor = None
     teacher_bias: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None
 
     def select(self, index) -> "TeacherRows":
         base = RowInputs.select(self, index)
         hidden = self.teacher_hidden[index] if isinstance(index, slice) else self.teacher_hidden.index_select(0, index)
         return TeacherRows(base.ids, base.probs, base.weight, base.scale, hidden, self.teacher_weight,
-                           self.teacher_bias)
+                           self.teacher_bias, self.entropy_sum)
 
     def teacher_logits(self) -> torch.Tensor:
         """This chunk's teacher logits z_t = h_t W_t^T + b_t, (n, V), in the teacher head's dtype."""

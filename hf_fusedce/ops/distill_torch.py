@@ -48,6 +48,9 @@ def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_
     s = z.to(acc)  # aliases z when z is float32: z is only needed again as the gradient's destination
     log_ps = _log_softmax_(s.mul_(inv_t) if inv_t != 1.0 else s)
     log_pt = _log_softmax_(rows.teacher_logits().to(acc).mul_(inv_t))
+    if rows.entropy_sum is not None:  # -sum p_s log p_s of the counted rows
+        entropy = (log_ps.exp() * log_ps).sum(1).neg_()
+        rows.entropy_sum += torch.where(rows.weight != 0, entropy, torch.zeros_like(entropy)).sum()
     loss, grad_s = _divergence(log_ps, log_pt, spec.beta, compute_grad)
     if hard_loss is not None:
         loss = loss + spec.hard_label_weight * hard_loss

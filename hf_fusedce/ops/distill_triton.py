@@ -44,9 +44,10 @@ def _log_mixture(log_ps, log_pt, log_1mb, log_b):
 
 @triton.jit
 def _distill_rows_kernel(
-    Z, stride_z, ZT, stride_zt, IDS, WEIGHT, SCALE, stride_scale, LOSS,
+    Z, stride_z, ZT, stride_zt, IDS, WEIGHT, SCALE, stride_scale, LOSS, ENTROPY,
     V, inv_t, beta, log_1mb, log_b, hard_weight,
-    MODE: tl.constexpr, HAS_HARD: tl.constexpr, HARD_SEPARATE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    MODE: tl.constexpr, HAS_HARD: tl.constexpr, HARD_SEPARATE: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -61,6 +62,7 @@ def _distill_rows_kernel(
     sum_s = tl.zeros((), tl.float32)
     sum_t = tl.zeros((), tl.float32)
     sum_h = tl.zeros((), tl.float32)
+    xs = tl.zeros((), tl.float32)
     gap = tl.zeros((), tl.float32)  # MODE 0: sum e^(t - m_t) (t - s); MODE 1: sum e^(s - m_s) (s - t)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -81,6 +83,9 @@ def _distill_rows_kernel(
                                      axis=0)
         if HARD_SEPARATE:
             m_h, sum_h, _ = _online(m_h, sum_h, tl.where(mask, raw, float("-inf")))
+        if HAS_ENTROPY:  # sum e^(s - m_s) s, for the entropy lse_s - E_p_s[s]
+            xs = xs * r_s + tl.sum(tl.where(mask, tl.exp(s - tl.where(m_s == float("-inf"), 0.0, m_s)) * raw * inv_t,
+                                            0.0), axis=0)
     m_s = tl.where(m_s == float("-inf"), 0.0, m_s)
     m_t = tl.where(m_t == float("-inf"), 0.0, m_t)
     log_sum_s = tl.log(sum_s)
@@ -88,6 +93,8 @@ def _distill_rows_kernel(
     lse_s = m_s + log_sum_s
     lse_t = m_t + log_sum_t
 
+    if HAS_ENTROPY:
+        tl.store(ENTROPY + row, tl.where(w != 0.0, lse_s - xs / sum_s, 0.0))
     kl_s = tl.zeros((), tl.float32)
     if MODE == 0:  # sum p_t (t - s) - (lse_t - lse_s), the normalizer difference taken apart: no cancellation
         loss = gap / sum_t - (m_t - m_s) - (log_sum_t - log_sum_s)
@@ -154,12 +161,16 @@ def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_
     beta = spec.beta
     mode = 0 if beta == 0.0 else 1 if beta == 1.0 else 2
     hard = spec.hard_label_weight != 0.0
+    entropy = loss if rows.entropy_sum is None else torch.empty_like(loss)  # a placeholder when unused
     _distill_rows_kernel[(n,)](
         z, z.stride(0), zt, zt.stride(0), rows.ids.contiguous(), rows.weight.contiguous().float(), scale,
-        scale.stride(0), loss,
+        scale.stride(0), loss, entropy,
         vocab, 1.0 / spec.temperature, beta, math.log1p(-beta) if mode == 2 else 0.0,
         math.log(beta) if mode == 2 else 0.0, spec.hard_label_weight,
-        MODE=mode, HAS_HARD=hard, HARD_SEPARATE=hard and spec.temperature != 1.0, COMPUTE_GRAD=compute_grad,
+        MODE=mode, HAS_HARD=hard, HARD_SEPARATE=hard and spec.temperature != 1.0,
+        HAS_ENTROPY=rows.entropy_sum is not None, COMPUTE_GRAD=compute_grad,
         BLOCK_V=_block_v(vocab), num_warps=8,
     )
+    if rows.entropy_sum is not None:
+        rows.entropy_sum += entropy.sum()
     return loss

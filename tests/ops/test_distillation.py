@@ -233,3 +233,20 @@ def test_identical_models_give_zero_divergence_and_gradient(backend):
         loss = fused_linear_distillation(hs, ws, hs.detach(), ws.detach(), beta=beta, backend=backend)
         (gh,) = torch.autograd.grad(loss, hs)
         assert abs(loss.item()) < 1e-6 and gh.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_entropy_sum_from_the_same_pass(backend, beta):
+    """distillation_loss_and_entropy: the loss of the op and sum over counted tokens of H(softmax(z_s / T))."""
+    from hf_fusedce.ops.distill_api import distillation_loss_and_entropy
+
+    (hs, ws), (ht, wt, _), targets, _, _ = make_case({})
+    args = [t.to(DEVICE) for t in (hs, ws, ht, wt)] + [targets.to(DEVICE)]
+    loss, entropy_sum = distillation_loss_and_entropy(*args, beta=beta, temperature=1.9, backend=backend,
+                                                      chunk_budget_bytes=SMALL_BUDGET)
+    assert torch.equal(loss, fused_linear_distillation(*args, beta=beta, temperature=1.9, backend=backend,
+                                                       chunk_budget_bytes=SMALL_BUDGET))
+    log_p = torch.log_softmax((hs.double().reshape(-1, D) @ ws.double().t()) / 1.9, -1)
+    want = (-(log_p.exp() * log_p).sum(-1))[targets.reshape(-1) != -100].sum()
+    assert rel_err(entropy_sum, want) <= 1e-5
