@@ -27,20 +27,20 @@ def patch(model=None, **options):
     if liger.installed():
         liger.activate(model, **options)
     if model is not None:
-        _watch(patching._target(model))
+        _watch(patching.unwrap(model))
     return result
 
 
 def unpatch(model=None):
     if model is not None:
-        _unwatch(patching._target(model))
+        _unwatch(patching.unwrap(model))
     return patching.unpatch(model)
 
 
 @contextlib.contextmanager
 def patched(model, **options):
     """`with patched(model): ...` patches for the block only (a model already patched stays patched)."""
-    was = patching._installed(patching._target(model)) is not None
+    was = patching._installed(patching.unwrap(model)) is not None
     patch(model, **options)
     try:
         yield model
@@ -58,7 +58,7 @@ def defining_module(fwd) -> str:
 
 def displacer(model) -> str:
     """Who owns the model's forward now, for messages."""
-    target = patching._target(model)
+    target = patching.unwrap(model)
     fwd = target.__dict__.get("forward") or type(target).forward
     module = defining_module(fwd)
     for prefix, name in (("trl", "TRL's fused LM head (trl.trainer.utils.add_fused_lm_head)"),

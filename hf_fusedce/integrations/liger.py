@@ -45,7 +45,7 @@ def is_liger_forward(fwd) -> bool:
 
 def compose(model, **patch_options) -> bool:
     """Take Liger's fused linear-CE forward off a model hf_fusedce patches (True if there was one)."""
-    target = patching._target(model)
+    target = patching.unwrap(model)
     stock_is_liger = is_liger_forward(type(target).forward)
     current = target.__dict__.get("forward")
     if is_liger_forward(current):  # Liger replaced our forward (or was there before any patch)

@@ -55,7 +55,7 @@ def activate(model=None) -> None:
         _STATE["hooked"] = True
         after_import(UTILS, _wrap_add_fused_lm_head)
     if model is not None:
-        _adopt_trl_head(patching._target(model))
+        _adopt_trl_head(patching.unwrap(model))
 
 
 def serve(model, original, spec, options, call):
@@ -170,7 +170,7 @@ def _maybe_fuse_sft_label_smoothing() -> None:
     def compute_loss(self, model, inputs, *args, **kwargs):
         smoother = self.label_smoother
         if (smoother is None or self.args.loss_type != "nll" or self.compute_loss_func is not None
-                or getattr(patching._target(self.accelerator.unwrap_model(model)), _SERVED, None) is None):
+                or getattr(patching.unwrap(self.accelerator.unwrap_model(model)), _SERVED, None) is None):
             return stock(self, model, inputs, *args, **kwargs)
         self.label_smoother = None  # TRL's fused branch, with the smoothed per-token log-likelihood served
         token = _LABEL_SMOOTHING.set(float(smoother.epsilon))
