@@ -1,0 +1,74 @@
+"""Helpers of the TRL / Liger integration tests (fixtures in conftest.py)."""
+from __future__ import annotations
+
+import torch
+
+from hf_fusedce.memory import LiveTensorTracker
+
+
+def tiny_llama(tokenizer, seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).float()
+
+
+class OpSpy:
+    """Counts calls of hf_fusedce's per-token op made by the TRL protocol handler."""
+
+    def __init__(self, monkeypatch):
+        import hf_fusedce.hf.token_head as token_head
+        self.calls = 0
+        real = token_head.fused_linear_token_stats
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(token_head, "fused_linear_token_stats", spy)
+
+
+class LargestTensor(LiveTensorTracker):
+    """hf_fusedce.memory's live-tensor tracker, also recording the element count of the largest tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def _track(self, t):
+        self.max_numel = max(self.max_numel, t.numel())
+        super()._track(t)
+
+
+class StepTracker:
+    """Wraps a trainer's training_step in the tracker. `ratio`: the largest tensor a step created, in units of
+    that step's tokens x vocabulary (>= 1: a full logits-sized tensor existed)."""
+
+    def __init__(self, trainer, vocab):
+        self.ratio = 0.0
+        step = trainer.training_step
+
+        def tracked(model, inputs, *args, **kwargs):
+            with LargestTensor() as tracker:
+                out = step(model, inputs, *args, **kwargs)
+            self.ratio = max(self.ratio, tracker.max_numel / (inputs["input_ids"].numel() * vocab))
+            return out
+
+        trainer.training_step = tracked
+
+
+def logged(trainer, keys):
+    """TRL's logged training metrics, step by step."""
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    return {k: [r[k] for r in rows if k in r] for k in keys}
+
+
+def assert_same_metrics(ours: dict, stock: dict, rtol=1e-5):
+    for key, want in stock.items():
+        got = ours[key]
+        assert len(got) == len(want) and want, f"{key}: {got} vs {want}"
+        for a, b in zip(got, want):
+            assert abs(a - b) <= rtol * max(1.0, abs(b)), f"{key}: ours {got} vs stock {want}"
