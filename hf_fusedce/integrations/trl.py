@@ -170,7 +170,7 @@ def _maybe_fuse_sft_label_smoothing() -> None:
     def compute_loss(self, model, inputs, *args, **kwargs):
         smoother = self.label_smoother
         if (smoother is None or self.args.loss_type != "nll" or self.compute_loss_func is not None
-                or getattr(patching.unwrap(self.accelerator.unwrap_model(model)), _SERVED, None) is None):
+                or getattr(patching.unwrap(model), _SERVED, None) is None):
             return stock(self, model, inputs, *args, **kwargs)
         self.label_smoother = None  # TRL's fused branch, with the smoothed per-token log-likelihood served
         token = _LABEL_SMOOTHING.set(float(smoother.epsilon))
