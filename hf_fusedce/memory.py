@@ -18,7 +18,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -48,12 +48,10 @@ class LiveTensorTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         # Outputs sharing storage with an input (views, out=, in-place) allocate nothing new.
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                if t.untyped_storage().data_ptr() not in inputs:
-                    self._track(t)
+        inputs = {t.untyped_storage().data_ptr() for t in _storage_tensors((args, kwargs))}
+        for t in _storage_tensors(out):
+            if t.untyped_storage().data_ptr() not in inputs:
+                self._track(t)
         return out
 
     def _track(self, t: torch.Tensor):
@@ -71,6 +69,21 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def _release(self, key: int):
         self.live_bytes -= self._seen.pop(key, 0)
+
+
+def _storage_tensors(tree) -> list[torch.Tensor]:
+    """The tensors in `tree` that own storage: a wrapper subclass (DTensor under tensor parallelism) has none of
+    its own and contributes its inner (local) tensors instead."""
+    found = []
+    for t in tree_flatten(tree)[0]:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            found += _storage_tensors([getattr(t, n) for n in names])
+        else:
+            found.append(t)
+    return found
 
 
 @contextlib.contextmanager

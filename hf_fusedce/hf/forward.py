@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from ..ops import fused_linear_cross_entropy
-from . import adapters, gather
+from . import adapters, gather, tensor_parallel
 from .heads import HeadSpec, resolve
 
 COUNTERS = {"fused": 0, "stock": 0}  # lets tests and `check` tell which path ran
@@ -178,8 +178,14 @@ def head_transform(model, spec: HeadSpec) -> HeadTransform:
 
 
 def head_operands(inner, h, vocab: int | None):
-    """(hidden', weight, bias) of the head module, adapters included, full tensors, cut to the vocabulary."""
+    """(hidden', weight, bias) of the head module, adapters included, full tensors, cut to the vocabulary.
+    A tensor-parallel head is refused here: only the loss runs vocab-parallel (`_head_loss`)."""
     h2, weight, bias = adapters.linear_parts(inner, h)
+    tensor_parallel.refuse_vocab_sharded(weight, "per-token head outputs (TRL's fused_lm_head protocol)")
+    return _full_operands(h2, weight, bias, vocab)
+
+
+def _full_operands(h2, weight, bias, vocab):
     weight, bias = gather.full_tensor(weight), gather.full_tensor(bias)
     gather.check_materialized(weight)
     if vocab is not None:
@@ -194,21 +200,29 @@ def _head_loss(model, spec, options, head, hidden, call):
     softcap, scale = t.softcap, t.scale
 
     def run(inner, h):
-        h2, weight, bias = head_operands(inner, h, t.vocab)
+        h2, weight, bias = adapters.linear_parts(inner, h)
+        shard = tensor_parallel.vocab_shard(weight, bias, t.vocab)  # TP head: this rank's vocabulary slice only
+        if shard is not None:
+            weight, bias, loss_fn = shard.weight, shard.bias, shard.loss_fn
+        else:
+            h2, weight, bias = _full_operands(h2, weight, bias, t.vocab)
+            loss_fn = fused_linear_cross_entropy
         common = dict(bias=bias, softcap=softcap, logit_scale=scale, backend=options.backend,
                       chunk_budget_bytes=options.chunk_budget_bytes, label_smoothing=options.label_smoothing)
         if t.z_coef > 0:
-            loss = _bamba_loss(h2, weight, targets, ignore_index, num_items, t.z_coef, common)
+            loss = _bamba_loss(loss_fn, h2, weight, targets, ignore_index, num_items, t.z_coef, common)
         else:
-            loss = fused_linear_cross_entropy(h2, weight, targets, ignore_index=ignore_index,
-                                              num_items_in_batch=num_items, z_loss=options.z_loss, **common)
+            loss = loss_fn(h2, weight, targets, ignore_index=ignore_index,
+                           num_items_in_batch=num_items, z_loss=options.z_loss, **common)
         logits = _detached_logits(h2, weight, bias, softcap, scale) if options.return_logits else None
+        if logits is not None and shard is not None:
+            logits = shard.full_logits(logits)
         return loss, logits
 
     return gather.call_through(head, run, hidden)
 
 
-def _bamba_loss(h, weight, targets, ignore_index, num_items, coef, common):
+def _bamba_loss(loss_fn, h, weight, targets, ignore_index, num_items, coef, common):
     """CE (mean over valid, or sum / num_items) + coef * mean over ALL positions of lse^2, in one fused pass:
     soft targets with one id per row and probability 1/denominator (0 for ignored rows), every row active,
     z_loss = coef / rows, reduction sum. Row loss = p*(lse - z_t) + coef/rows * lse^2."""
@@ -218,8 +232,8 @@ def _bamba_loss(h, weight, targets, ignore_index, num_items, coef, common):
     ids = torch.where(valid, targets, 0).unsqueeze(-1)
     probs = (valid.float() / denom).unsqueeze(-1)
     rows = targets.numel()
-    return fused_linear_cross_entropy(h, weight, ids, target_probs=probs, reduction="sum",
-                                      z_loss=coef / rows, ignore_index=ignore_index, **common)
+    return loss_fn(h, weight, ids, target_probs=probs, reduction="sum", z_loss=coef / rows,
+                   ignore_index=ignore_index, **common)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from ..hf.tensor_parallel import is_vocab_sharded
 from ..ops.distill_api import distillation_loss_and_entropy
 from .imports import after_import
 
@@ -36,6 +37,9 @@ def fused_divergence_loss(
     """Drop-in for TRL's `_chunked_divergence_loss` (same signature and returns) on `fused_linear_distillation`."""
     quirks = _unsupported(student_logit_scale, teacher_logit_scale, student_final_logit_softcapping,
                           teacher_final_logit_softcapping)
+    if is_vocab_sharded(student_lm_head_weight) or is_vocab_sharded(teacher_lm_head_weight):
+        quirks = ", ".join(filter(None, [quirks, "a tensor-parallel (vocabulary-sharded) lm_head, which the fused "
+                                                 "distillation op does not split yet"]))
     if quirks:
         warnings.warn(f"hf_fusedce: {quirks}: the fused distillation op does not apply it, so this step uses TRL's "
                       "own chunked divergence (same loss, TRL's speed and memory)", stacklevel=2)

@@ -60,19 +60,20 @@ def vocab_parallel_linear_cross_entropy(
                     None if softcap is None else float(softcap), float(logit_scale))
     _check_options(spec, "torch", num_items_in_batch)
     _check_tensors(hidden, weight, targets, bias, token_weights, target_probs)
-    world = dist.get_world_size(group)
-    _check_slice(vocab_start, weight.shape[0], vocab_size, world)
+    if not (0 <= vocab_start and vocab_start + weight.shape[0] <= vocab_size):
+        raise ValueError(f"weight rows [{vocab_start}, {vocab_start + weight.shape[0]}) fall outside the vocabulary "
+                         f"[0, {vocab_size})")
     lead = targets.shape[:-1] if target_probs is not None else targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     rows, valid = _row_inputs(targets, target_probs, token_weights, spec, h2.shape[0])
     n_valid = _validate_labels_and_count(rows.ids, valid, spec, vocab_size)
-    _check_same_tokens(n_valid, h2.shape[0], group)
+    widest = _check_same_tokens(rows.ids, n_valid, weight.shape[0], group)
     active = None if n_valid == h2.shape[0] else valid.nonzero().squeeze(1)
     denom = _denominator(spec, num_items_in_batch, n_valid, h2.device)
     plan = _plan(spec, "torch", hidden, weight, chunk_budget_bytes)
     rows_fn = functools.partial(_ce_rows_shard, group=group, vocab_start=vocab_start, vocab_size=vocab_size)
     # every rank sizes its chunks by the widest slice, so all ranks reach each all-reduce with the same rows
-    plan = dataclasses.replace(plan, ce_rows=rows_fn, chunk_vocab=math.ceil(vocab_size / world))
+    plan = dataclasses.replace(plan, ce_rows=rows_fn, chunk_vocab=widest)
     if torch.is_grad_enabled() and hidden.requires_grad:
         h2 = SumGradOverGroup.apply(h2, group)
     out = FusedLinearCrossEntropyFn.apply(h2, weight, bias, rows, denom, active, plan)
@@ -86,23 +87,23 @@ def shard_range(vocab_size: int, world: int, rank: int) -> tuple[int, int]:
     return min(rank * per, vocab_size), min((rank + 1) * per, vocab_size)
 
 
-def _check_slice(start, rows, vocab_size, world):
-    if not (0 <= start and start + rows <= vocab_size):
-        raise ValueError(f"weight rows [{start}, {start + rows}) fall outside the vocabulary [0, {vocab_size})")
-    if rows > math.ceil(vocab_size / world):
-        raise ValueError(f"weight has {rows} rows, more than ceil({vocab_size} / {world} ranks): the slices "
-                         "must split the vocabulary over the group")
-
-
-def _check_same_tokens(n_valid, n_rows, group):
-    """All ranks must hold the same tokens (else their all-reduces would pair different rows, or hang):
-    a cheap MAX/MIN check on the counts, raised on every rank alike."""
-    counts = torch.tensor([n_valid, n_rows, -n_valid, -n_rows], dtype=torch.int64)
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
-    if counts[0] != -counts[2] or counts[1] != -counts[3]:
-        raise ValueError("vocab-parallel cross-entropy: ranks of the group hold different tokens (counts of rows "
-                         f"{-int(counts[3])}..{int(counts[1])}, of non-ignored targets {-int(counts[2])}.."
-                         f"{int(counts[0])}); tensor parallelism needs the same hidden states and targets on every rank")
+def _check_same_tokens(ids, n_valid, width, group) -> int:
+    """All ranks must hold the same tokens (else their all-reduces would pair different rows, or hang). One MAX
+    all-reduce of a few integers: row and target counts and a checksum of the targets (equal on every rank iff
+    their max equals minus the max of their negation), and the widest slice. Raised on every rank alike."""
+    position = torch.arange(1, ids.numel() + 1, device=ids.device).reshape(ids.shape)
+    checksum = (ids * position).sum().remainder(1 << 61)  # wraps alike on every rank; kept off INT64_MIN
+    mine = torch.stack([torch.tensor(ids.shape[0], device=ids.device), torch.tensor(n_valid, device=ids.device),
+                        checksum])
+    got = torch.cat([mine, -mine, torch.tensor([width], device=ids.device)])
+    dist.all_reduce(got, op=dist.ReduceOp.MAX, group=group)
+    vals = got.tolist()
+    top, bottom = vals[:3], [-v for v in vals[3:6]]
+    if top != bottom:
+        raise ValueError("vocab-parallel cross-entropy: the ranks of the group hold different tokens (rows, "
+                         f"non-ignored targets, target checksum range from {bottom} to {top}); tensor parallelism "
+                         "needs the same hidden states and targets on every rank of the group")
+    return vals[6]
 
 
 class SumGradOverGroup(torch.autograd.Function):

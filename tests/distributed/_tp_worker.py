@@ -5,7 +5,11 @@ the test asserts.
 
 * op: `vocab_parallel_linear_cross_entropy` on this rank's slice (torch's Shard(0) split, uneven vocabularies,
   empty slices) against the single-device op on the full weight and the float64 reference, every option:
-  loss, dh (summed over ranks), dW and db of the slice.
+  loss, dh (summed over ranks), dW and db of the slice; FLOPs of the op per rank vs the single-device op.
+* hf: tiny Llamas (untied and tied; a vocabulary that does not split evenly) loaded with
+  `from_pretrained(dir, tp_plan="auto")`, stock vs `hf_fusedce.patch`: loss and every parameter's local gradient
+  shard, the largest tensor allocated per rank during the patched step (hf_fusedce.memory's live-tensor tracker),
+  that the fused path ran, and return_logits.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_fusedce.memory import LiveTensorTracker
 from hf_fusedce.ops import fused_linear_cross_entropy
 from hf_fusedce.ops.vocab_parallel import shard_range, vocab_parallel_linear_cross_entropy
 from hf_fusedce.testing import reference_loss_and_grads, rel_err, run_with_grads
@@ -91,6 +98,142 @@ def check_op(vocab, dtype, rank, world):
     return out
 
 
+def op_flops(rank, world, vocab=1024):
+    """Matmul FLOPs of forward + backward: the vocab-parallel op on this rank's slice, the single-device op."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(N, D, generator=g).requires_grad_()
+    weight = torch.randn(vocab, D, generator=g).requires_grad_()
+    targets = torch.randint(0, vocab, (N,), generator=g)
+    lo, hi = shard_range(vocab, world, rank)
+    counts = {}
+    for name, fn, w, kw in (("single", fused_linear_cross_entropy, weight, {}),
+                            ("shard", vocab_parallel_linear_cross_entropy, weight.detach()[lo:hi].requires_grad_(),
+                             dict(vocab_start=lo, vocab_size=vocab))):
+        with flop_counter() as fc:
+            fn(hidden, w, targets, backend="torch", **kw).backward()
+        counts[name] = fc.get_total_flops()
+    return counts
+
+
+def flop_counter():
+    """FlopCounterMode that also counts the in-place dW accumulation (aten.addmm_ has no formula of its own)."""
+    def addmm_(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_})
+
+
+class LargestTensor(LiveTensorTracker):
+    """The live-tensor tracker, also remembering the largest single storage allocated."""
+
+    largest = 0
+
+    def _track(self, t):
+        self.largest = max(self.largest, t.untyped_storage().nbytes())
+        super()._track(t)
+
+
+def _watch_head(head):
+    """Memory tracker and FLOP counter active exactly while the head module runs (the fused op computes the
+    loss and all of its gradients there; the backward only scales them and sums dh over the group)."""
+    tracker, flops = LargestTensor(), flop_counter()
+    handles = [head.register_forward_pre_hook(lambda *_: (flops.__enter__(), tracker.__enter__()) and None),
+               head.register_forward_hook(lambda *_: (tracker.__exit__(None, None, None),
+                                                      flops.__exit__(None, None, None)) and None)]
+    return tracker, flops, handles
+
+
+HF_VOCAB, HF_DIM = 1001, 32
+
+
+def save_tiny_llamas(root, rank):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dirs = {tied: os.path.join(root, f"llama_tied{tied}") for tied in (0, 1)}
+    if rank == 0:
+        for tied, path in dirs.items():
+            torch.manual_seed(tied)
+            cfg = LlamaConfig(vocab_size=HF_VOCAB, hidden_size=HF_DIM, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=bool(tied),
+                              max_position_embeddings=64)
+            LlamaForCausalLM(cfg).save_pretrained(path)
+    dist.barrier()
+    return dirs
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _step(model, batch):
+    out = model(**batch)
+    out.loss.backward()
+    return out, {n: None if p.grad is None else _local(p.grad).detach().clone() for n, p in model.named_parameters()}
+
+
+def check_hf(path, world):
+    """Stock and patched TP models from the same checkpoint, same batch (identical on every rank)."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_fusedce
+    from hf_fusedce.hf.forward import COUNTERS, head_operands
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, HF_VOCAB, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    batch = dict(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(13))
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    head_w = model.get_output_embeddings().weight
+    layout = f"{type(head_w).__name__}{tuple(getattr(head_w, 'placements', ()))}"
+    s_out, s_grads = _step(model, batch)  # stock first, then the same model patched
+    model.zero_grad(set_to_none=True)
+    patched = hf_fusedce.patch(model, backend="torch")
+    fused_before = COUNTERS["fused"]
+    tracker, flops, handles = _watch_head(patched.get_output_embeddings())
+    p_out, p_grads = _step(patched, batch)
+    for h in handles:
+        h.remove()
+    n_active = int(labels[:, 1:].ne(-100).sum())
+    res = {"layout": layout, "fused_ran": COUNTERS["fused"] - fused_before,
+           "loss": (p_out.loss.item(), s_out.loss.item()), "largest_bytes": tracker.largest,
+           "peak_bytes": tracker.peak_bytes, "head_bytes": HF_VOCAB * HF_DIM * 4,
+           "head_flops": flops.get_total_flops(), "local_rows": _local(head_w).shape[0],
+           "single_device_flops": 6 * n_active * HF_DIM * HF_VOCAB,
+           "tied": patched.get_output_embeddings().weight is patched.get_input_embeddings().weight,
+           "grad_errs": {}}
+    for name, want in s_grads.items():
+        got = p_grads[name]
+        res["grad_errs"][name] = None if (got is None or want is None) else (
+            rel_err(got, want) if got.shape == want.shape else float("inf"))
+    # return_logits: the full logits, gathered, equal to stock's
+    hf_fusedce.unpatch(patched)
+    hf_fusedce.patch(patched, backend="torch", return_logits=True)
+    out = patched(**batch)
+    res["logits_err"] = rel_err(out.logits.reshape(s_out.logits.shape), s_out.logits)
+    try:  # per-token outputs (TRL's protocol) do not run vocab-parallel yet: a clear refusal, no V x D gather
+        head_operands(patched.get_output_embeddings(), torch.zeros(1, HF_DIM), None)
+        res["per_token_refusal"] = "no error"
+    except NotImplementedError as e:
+        res["per_token_refusal"] = str(e)
+    return res
+
+
+def refusals(rank, world):
+    """Misuse raises a clear error on every rank (no hang): ranks holding different tokens, a triton backend."""
+    hidden, weight = torch.randn(N, D), torch.randn(8, D)
+    lo, hi = shard_range(8 * world, world, rank)
+    got = {}
+    for name, targets, kw in (("different_tokens", torch.full((N,), rank), {}),
+                              ("triton", torch.zeros(N, dtype=torch.long), {"backend": "triton"})):
+        try:
+            vocab_parallel_linear_cross_entropy(hidden, weight, targets, vocab_start=lo, vocab_size=8 * world, **kw)
+            got[name] = "no error"
+        except ValueError as e:
+            got[name] = str(e)
+    return got
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -101,6 +244,10 @@ def main(argv=None):
     result = {"world": world, "rank": rank}
     result["op_f32_uneven"] = check_op(101, torch.float32, rank, world)
     result["op_f64_tiny_vocab"] = check_op(world - 1 if world > 2 else 3, torch.float64, rank, world)
+    result["op_flops"] = op_flops(rank, world)
+    result["refusals"] = refusals(rank, world)
+    for tied, path in save_tiny_llamas(a.out, rank).items():
+        result[f"hf_tied{tied}"] = check_hf(path, world)
     torch.save(result, os.path.join(a.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -35,3 +35,49 @@ def test_op_matches_single_device_and_float64_every_option(ranks):
                     where = f"rank {r['rank']}/{r['world']} {run} {case} d{quantity}"
                     assert vs_single <= RTOL, f"{where}: rel err vs single-device op {vs_single:.2e}"
                     assert vs_f64 <= RTOL, f"{where}: rel err vs float64 reference {vs_f64:.2e}"
+
+
+def test_op_flops_per_rank_are_one_over_tp(ranks):
+    for r in ranks:
+        counts = r["op_flops"]
+        assert counts["shard"] * r["world"] == counts["single"], counts  # vocab 1024 splits evenly
+
+
+def test_op_refuses_misuse_clearly(ranks):
+    for r in ranks:
+        assert "ranks of the group hold different tokens" in r["refusals"]["different_tokens"]
+        assert "torch row kernel only" in r["refusals"]["triton"]
+
+
+@pytest.mark.parametrize("tied", [0, 1], ids=["untied", "tied"])
+def test_tp_plan_auto_model_matches_stock(ranks, tied):
+    """from_pretrained(tp_plan="auto"), patched vs stock: loss, every parameter's local gradient shard, the
+    gathered logits when asked for them, and the fused path really ran on the vocabulary slice."""
+    for r in ranks:
+        got = r[f"hf_tied{tied}"]
+        where = f"rank {r['rank']}/{r['world']} tied={tied}"
+        assert got["layout"] == "DTensor(Shard(dim=0),)", (where, got["layout"])
+        assert got["tied"] == bool(tied), where
+        assert got["fused_ran"] == 1, where
+        ours, stock = got["loss"]
+        assert abs(ours - stock) <= RTOL * abs(stock), (where, ours, stock)
+        assert len(got["grad_errs"]) >= 20
+        for name, err in got["grad_errs"].items():
+            assert err is not None and err <= RTOL, f"{where} grad {name}: rel err {err}"
+        assert got["logits_err"] <= RTOL, (where, got["logits_err"])
+        assert "only the training loss runs vocab-parallel" in got["per_token_refusal"], where
+
+
+@pytest.mark.parametrize("tied", [0, 1], ids=["untied", "tied"])
+def test_tp_head_allocates_no_full_weight_and_does_1_over_tp_of_the_flops(ranks, tied):
+    """While the head runs (the fused op computes the loss and every gradient there) no tensor as large as the full
+    V x D weight is allocated, the whole head's peak stays below it, and its FLOPs are the slice's share of the
+    single-device 6 N D V."""
+    for r in ranks:
+        got = r[f"hf_tied{tied}"]
+        where = f"rank {r['rank']}/{r['world']} tied={tied}"
+        assert got["largest_bytes"] < got["head_bytes"], (where, got["largest_bytes"], got["head_bytes"])
+        assert got["peak_bytes"] < got["head_bytes"], (where, got["peak_bytes"], got["head_bytes"])
+        vocab = got["head_bytes"] // (4 * 32)
+        assert got["head_flops"] * vocab == got["single_device_flops"] * got["local_rows"], where
+        assert got["local_rows"] <= -(-vocab // r["world"]), where
