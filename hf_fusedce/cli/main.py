@@ -1,11 +1,11 @@
-"""`hf-fusedce {demo,check,bench}`: each subcommand module exposes `register(subparsers)`."""
+"""`hf-fusedce {demo,check,bench,distill-cache}`: each subcommand module exposes `register(subparsers)`."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("demo", "check", "bench")
+SUBCOMMANDS = ("demo", "check", "bench", "distill_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
