@@ -1,30 +1,27 @@
 """The ONE generic causal-LM forward used for every family.
 
-It runs the model's own (stock) forward with ``labels=None`` and a pre-hook on the output-embeddings module
-that captures the head's input and stops the forward right there, before any logits exist. The loss is then
-the fused op on that input and the head's weight, with the family's post-head quirks taken from
-``heads.HEADS``. Everything before the head (decoder, final norm, hidden scaling, ``logits_to_keep`` slicing,
-dtype casts) is the model's own code, so no family's forward is copied.
+It runs the model's own (stock) forward with ``labels=None`` while the output-embeddings module is switched to
+capture mode (gather.HeadSwitch, installed once at patch time): the head records its input and returns an empty
+placeholder, so the stock forward runs to its end (caches, router logits, hidden states all in its own output)
+without ever building logits. The loss is then the fused op on that input and the head's weight, with the
+family's post-head quirks taken from ``heads.HEADS``. Everything before the head (decoder, final norm, hidden
+scaling, ``logits_to_keep`` slicing, dtype casts) is the model's own code, so no family's forward is copied.
+No hook is registered and no exception raised per call: torch.compile(fullgraph=True) traces it whole.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import sys
-import typing
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
 
 from ..ops import fused_linear_cross_entropy
 from . import adapters, gather, tensor_parallel
-from .heads import HeadSpec, resolve
-
-COUNTERS = {"fused": 0, "stock": 0}  # lets tests and `check` tell which path ran
+from .heads import MULTIMODAL_PROVEN, HeadSpec, model_type_of, resolve
 
 # Outside protocols the patched forward speaks, {call keyword: handler(model, original, spec, options, call)}:
 # a truthy keyword hands the call to its handler. hf_fusedce.integrations registers them (TRL's
@@ -42,91 +39,90 @@ class FusedOptions:
     return_logits: bool = False
 
 
-class _Captured(Exception):
-    def __init__(self, hidden):
-        super().__init__("head input captured")
-        self.hidden = hidden
+# Inputs that make a multimodal *ForConditionalGeneration run its encoders: only families proven with such a
+# batch (heads.MULTIMODAL_PROVEN) fuse them; the others run stock with a warning.
+MULTIMODAL_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values", "image_embeds",
+                     "pixel_values_images", "audio_values")
 
 
-def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args, kwargs):
-    """`original` is the bound stock forward; args/kwargs are what the caller passed."""
-    call = _bind(original, args, kwargs)
+def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args, kwargs, positional=None):
+    """`original` is the bound stock forward; args/kwargs are what the caller passed; `positional` the stock
+    forward's positional parameter names (cached by the caller; computed here when None)."""
+    call = _bind(original, args, kwargs, positional)
     for keyword, handler in PROTOCOLS.items():
         if keyword in call and call.pop(keyword):
             return handler(model, original, spec, options, call)
     skip_logits = call.pop("skip_logits", None)  # Trainer / Liger convention: accepted, never forwarded
-    if not _should_fuse(model, call, skip_logits):
-        COUNTERS["stock"] += 1
+    if not _should_fuse(model, spec, call, skip_logits):
         return original(**call)
-    COUNTERS["fused"] += 1
     head = model.get_output_embeddings()
     hidden, base_out = _capture(model, head, original, {**call, "labels": None} if "labels" in call else call)
     loss, logits = _head_loss(model, spec, options, head, hidden, call)
     aux = _router_aux(model, spec, call, base_out)
     if aux is not None:
         loss = loss + resolve(model, spec.router_aux) * aux.to(loss.device)
-    out = _output(original, base_out, loss, logits, aux)
+    out = _output(base_out, loss, logits, aux)
     return_dict = call.get("return_dict")
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
 
 
-def _bind(original, args, kwargs) -> dict:
+def positional_names(original) -> tuple:
+    """Names the stock forward gives its positional arguments (computed once per patch, not per call)."""
+    return tuple(p.name for p in inspect.signature(original).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _bind(original, args, kwargs, positional) -> dict:
     """Caller's arguments as one keyword dict (positional ones named by the stock signature)."""
     if not args:
         return dict(kwargs)
-    sig = inspect.signature(original)
-    bound = sig.bind_partial(*args, **kwargs).arguments
-    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    extra = bound.pop(var_kw, {}) if var_kw else {}
-    return {**bound, **extra}
+    names = positional if positional is not None else positional_names(original)
+    if len(args) > len(names):
+        raise TypeError(f"forward() takes {len(names)} positional arguments but {len(args)} were given")
+    dup = [n for n in names[:len(args)] if n in kwargs]
+    if dup:
+        raise TypeError(f"forward() got multiple values for argument {dup[0]!r}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
-def _should_fuse(model, call, skip_logits) -> bool:
+def _should_fuse(model, spec, call, skip_logits) -> bool:
+    """Training mode + labels: fused. Eval mode: stock (with logits), whatever the grad mode. Trainer's
+    `skip_logits` (eval with prediction_loss_only) forces either way."""
     if call.get("labels") is None and call.get("shift_labels") is None:
         return False  # generation, embeddings, eval without labels: stock
     if skip_logits is not None:
-        return bool(skip_logits)
-    if not torch.is_grad_enabled():
-        return False  # eval with labels: metrics need the logits, stock path
+        if not skip_logits:
+            return False
+    elif not model.training:
+        return False  # eval: metrics need the logits, stock path
     reason = adapters.unsupported_reason(model.get_output_embeddings())
+    if reason is None:
+        reason = _unproven_multimodal(model, spec, call)
     if reason:
         warnings.warn(f"hf_fusedce: {reason}; using the stock (materialized logits) loss", stacklevel=4)
         return False
     return True
 
 
-def _scan_targets(model, head):
-    """Modules whose ModelOutput we keep (past_key_values, hidden_states, router_logits...): children and
-    grandchildren, which covers `self.model(...)` and `self.model.decoder(...)` style calls."""
-    for child in model.children():
-        if child is not head:
-            yield child
-            yield from (g for g in child.children() if g is not head)
+def _unproven_multimodal(model, spec, call) -> str | None:
+    if not any(call.get(k) is not None for k in MULTIMODAL_INPUTS) or model_type_of(model) in MULTIMODAL_PROVEN:
+        return None
+    return (f"{type(model).__name__} was given multimodal inputs, and its fused loss is proven on text batches "
+            f"only (see model_cards/)")
 
 
 def _capture(model, head, original, call):
-    outs = []
-
-    def pre_hook(module, args, kwargs):
-        raise _Captured(args[0] if args else next(iter(kwargs.values())))
-
-    def keep(module, args, output):
-        if isinstance(output, ModelOutput):
-            outs.append(output)
-
-    hooks = [head.register_forward_pre_hook(pre_hook, prepend=True, with_kwargs=True)]
-    hooks += [m.register_forward_hook(keep) for m in _scan_targets(model, head)]
-    try:
-        original(**call)
-    except _Captured as captured:
-        return captured.hidden, (outs[-1] if outs else None)
-    finally:
-        for h in hooks:
-            h.remove()
-    raise RuntimeError(f"hf_fusedce: {type(model).__name__}.forward never called its output embeddings "
-                       f"module; it cannot be fused (unpatch it)")
+    """(head input, stock output) of the stock forward run on `call` with the head switched to capture."""
+    call = dict(call)
+    if "return_dict" in call:
+        call["return_dict"] = True  # we need the output's fields; a tuple is made at the end if asked
+    hidden, base_out = gather.capture(gather.install(head), lambda: original(**call))
+    if hidden is None:
+        raise RuntimeError(f"hf_fusedce: {type(model).__name__}.forward never called its output embeddings "
+                           f"module; it cannot be fused (unpatch it)")
+    return hidden, base_out
 
 
 def _targets(model, spec, call, hidden):
@@ -265,26 +261,15 @@ def _module_attr(model, name):
     raise RuntimeError(f"no {name} found for {type(model).__name__}")
 
 
-def _output_class(original):
-    try:
-        ret = typing.get_type_hints(original).get("return")
-    except Exception:  # unresolvable annotations: the common causal-LM output
-        ret = None
-    if isinstance(ret, type) and issubclass(ret, ModelOutput):
-        return ret
-    for arg in typing.get_args(ret):  # `X | tuple`
-        if isinstance(arg, type) and issubclass(arg, ModelOutput):
-            return arg
-    return CausalLMOutputWithPast
-
-
-def _output(original, base_out, loss, logits, aux):
-    cls = _output_class(original)
-    ours = {"loss": loss, "logits": logits, "aux_loss": aux}
+def _output(base_out, loss, logits, aux):
+    """The stock output (its own class, caches, router logits, hidden states...) with our loss and logits."""
+    ours = {"loss": loss, "logits": logits}
+    if aux is not None:
+        ours["aux_loss"] = aux
     values = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(base_out):
         if f.name in ours:
             values[f.name] = ours[f.name]
-        elif base_out is not None and getattr(base_out, f.name, None) is not None:
+        elif getattr(base_out, f.name, None) is not None:
             values[f.name] = getattr(base_out, f.name)
-    return cls(**values)
+    return type(base_out)(**values)

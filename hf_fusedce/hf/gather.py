@@ -1,17 +1,26 @@
-"""Full lm_head weight under FSDP1, FSDP2 and DeepSpeed ZeRO-3, by *forward redirection*.
+"""How the patched forward calls the output-embeddings module: a switch installed ONCE on the module.
 
-Sharding wrappers gather a module's parameters in hooks around that module's call (FSDP1: the wrapper's
-forward; FSDP2 and ZeRO-3: forward pre/post hooks on the module) and register the backward hooks that
-reduce-scatter its gradients on the call's outputs. So we do not read `head.weight` directly (a flat shard,
-a DTensor or an empty ZeRO-3 placeholder outside the call): we temporarily swap the head's `forward` for a
-function that runs the whole fused loss, then call the head *module*. Its hooks gather the weight once (not
-once per chunk), the loss is the call's output, and dW flows back into the sharded parameter (tied embedding
-included, since the tied parameter is the same object).
+`HeadSwitch` replaces the module's `_call_impl` (an instance attribute, so `module(x)` reaches it first, before
+any hook) and sits at the innermost `forward` (below accelerate's hook wrapper, if any). It has three modes:
+
+- stock (default): the module's own call, hooks and all; nothing changes for generation, eval, other code.
+- capture: the stock model forward calls its head; the switch records the head's input and returns an empty
+  placeholder `[..., 0]` in place of the logits, without running any hook: no sharded weight is gathered and
+  no `[tokens x vocab]` tensor is built. The model's own code after the head (soft cap, scaling, slicing)
+  runs on the empty placeholder; the stock forward returns normally (no exception to swallow).
+- fuse (*forward redirection*): `module(hidden)` runs WITH its hooks (FSDP1 wrapper, FSDP2 / ZeRO-3 pre/post
+  hooks, accelerate's offload / dispatch hooks: the weight is gathered or loaded once, not once per chunk, and
+  the gradient flows back into the sharded parameter), but the innermost forward runs the fused loss instead.
+
+Installed at patch time, the switch is plain attribute state, so torch.compile(fullgraph=True) traces it
+with no hook registration and no exception per call.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+_STOCK, _CAPTURE, _FUSE = 0, 1, 2
 
 
 def _inner(module: nn.Module) -> nn.Module:
@@ -21,20 +30,86 @@ def _inner(module: nn.Module) -> nn.Module:
     return module
 
 
+class HeadSwitch:
+    """Installed on one head module by `install`; see the module doc."""
+
+    def __init__(self, head: nn.Module):
+        self.head, self.inner = head, _inner(head)
+        self.mode, self.captured, self.job = _STOCK, None, None
+        # accelerate's hook wrapper calls `_old_forward`: sit there so its pre/post hooks run around us
+        self.slot = "_old_forward" if ("_hf_hook" in self.inner.__dict__ and
+                                       "_old_forward" in self.inner.__dict__) else "forward"
+        self.below = self.inner.__dict__.get(self.slot)  # an instance forward we sit on top of, if any
+        self.inner.__dict__[self.slot] = _InnerForward(self)
+        head.__dict__["_call_impl"] = self
+
+    def __call__(self, *args, **kwargs):
+        if self.mode == _CAPTURE:
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            if self.captured is None:  # the first call is the causal-LM head
+                self.captured = hidden
+            return hidden.new_empty(*hidden.shape[:-1], 0)
+        return type(self.head)._call_impl(self.head, *args, **kwargs)
+
+    def remove(self) -> None:
+        if self.below is not None:
+            self.inner.__dict__[self.slot] = self.below
+        else:
+            self.inner.__dict__.pop(self.slot, None)
+        self.head.__dict__.pop("_call_impl", None)
+
+
+class _InnerForward:
+    """The innermost forward: the fused job in fuse mode, else what was there before."""
+
+    def __init__(self, switch: HeadSwitch):
+        self.switch = switch
+
+    def __call__(self, *args, **kwargs):
+        sw = self.switch
+        if sw.mode == _FUSE:
+            return sw.job(sw.inner, args[0] if args else next(iter(kwargs.values())))
+        if sw.below is not None:
+            return sw.below(*args, **kwargs)
+        return type(sw.inner).forward(sw.inner, *args, **kwargs)
+
+
+def switch_of(head: nn.Module) -> HeadSwitch | None:
+    sw = head.__dict__.get("_call_impl")
+    return sw if isinstance(sw, HeadSwitch) else None
+
+
+def install(head: nn.Module) -> HeadSwitch:
+    """The head's switch (installed now if absent: e.g. `resize_token_embeddings` built a new head)."""
+    return switch_of(head) or HeadSwitch(head)
+
+
+def uninstall(head: nn.Module | None) -> None:
+    sw = None if head is None else switch_of(head)
+    if sw is not None:
+        sw.remove()
+
+
+def capture(switch: HeadSwitch, run_model):
+    """(head input, model output) of `run_model()`, the stock forward, with the head call short-circuited."""
+    switch.mode, switch.captured = _CAPTURE, None
+    try:
+        out = run_model()
+    finally:
+        switch.mode = _STOCK
+    hidden, switch.captured = switch.captured, None
+    return hidden, out
+
+
 def call_through(head: nn.Module, fn, hidden: torch.Tensor):
-    """Run `fn(inner_module, hidden)` as if it were `head(hidden)`: the sharding hooks around `head` fire, so
-    inside `fn` the inner module's parameters are full tensors. Returns fn's result."""
-    inner = _inner(head)
-    had_own = "forward" in inner.__dict__
-    saved = inner.__dict__.get("forward")
-    inner.forward = lambda h, *a, **k: fn(inner, h)  # instance attribute shadows the class forward
+    """Run `fn(inner_module, hidden)` as if it were `head(hidden)`: the sharding / offload hooks around `head`
+    fire, so inside `fn` the inner module's parameters are full tensors on the execution device."""
+    switch = install(head)
+    switch.mode, switch.job = _FUSE, fn
     try:
         return head(hidden)
     finally:
-        if had_own:
-            inner.forward = saved
-        else:
-            del inner.forward
+        switch.mode, switch.job = _STOCK, None
 
 
 def full_tensor(t: torch.Tensor | None) -> torch.Tensor | None:

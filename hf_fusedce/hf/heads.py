@@ -108,6 +108,10 @@ REFUSED: dict[str, str] = {
     "xlstm": "soft cap applied in chunks with a training-dependent path",
 }
 
+# Multimodal *ForConditionalGeneration types of the causal-LM mapping whose fused loss is proven on an image batch
+# (hf_fusedce.hf.proof.prove_multimodal). The others fuse text batches only; given images they run stock.
+MULTIMODAL_PROVEN: frozenset[str] = frozenset()
+
 
 def resolve(model, path: str):
     """Value of a table path on a model instance (see module doc)."""

@@ -12,12 +12,12 @@ import contextlib
 import functools
 import inspect
 import sys
-import types
 import warnings
 
 import torch
 
-from .forward import FusedOptions, generic_forward
+from . import gather
+from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, PLAIN, REFUSED, HeadSpec, model_type_of
 
 _CLASS_PATCHES: dict[type, object] = {}  # class -> its own stock `forward` function
@@ -41,11 +41,46 @@ def unwrap(model):
     return model
 
 
+def causal_lm_class_names() -> frozenset[str]:
+    """Classes whose stock loss is the causal-LM loss: the causal-LM auto mapping's classes."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+def _forward_class(cls) -> type:
+    """The class whose `forward` the instance runs (a subclass that only adds methods keeps its parent's)."""
+    return next((c for c in cls.__mro__ if "forward" in c.__dict__), cls)
+
+
+def class_refusal(model) -> str | None:
+    """Why the class of `model` is not a causal LM whose loss we reproduce, or None. Decided by the class that
+    defines the forward, not by model_type: BertForMaskedLM shares model_type "bert" with BertLMHeadModel."""
+    cls = _forward_class(type(model))
+    if cls.__name__ in causal_lm_class_names() and cls.__module__.startswith("transformers."):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    sibling = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(model.config, "model_type", None))
+    hint = f" (for this model type the causal-LM class is {sibling})" if sibling else ""
+    return (f"its forward is {cls.__module__}.{cls.__name__}.forward, not a class of transformers' causal-LM "
+            f"mapping (AutoModelForCausalLM){hint}, so its loss is not known to be the shifted causal-LM loss. "
+            "Load the model with AutoModelForCausalLM, or keep it unpatched")
+
+
 def _spec(model, force: bool) -> HeadSpec:
     model_type = model_type_of(model)
     if model.get_output_embeddings() is None:
         raise ValueError(f"hf_fusedce: {type(model).__name__} has no output embeddings: not a causal LM head")
     spec = HEADS.get(model_type)
+    why_class = class_refusal(model)
+    if why_class is not None:
+        if not force:
+            raise ValueError(f"hf_fusedce: refusing to patch {type(model).__name__}: {why_class}. If you know its "
+                             "loss is the causal-LM loss, pass force=True and check it against stock.")
+        warnings.warn(f"hf_fusedce: {type(model).__name__} forced ({why_class})", stacklevel=3)
+        return spec or PLAIN
     if spec is not None:
         return spec
     why = REFUSED.get(model_type, "its head is not in hf_fusedce's quirk table (unproven)")
@@ -72,14 +107,15 @@ class PatchedForward:
     def __init__(self, model, spec: HeadSpec, options: FusedOptions, own_forward=None):
         self.model, self.spec, self.options = model, spec, options
         self.own_forward = own_forward  # a forward the instance already had (e.g. accelerate's wrapper)
+        self.positional = positional_names(self.original())  # bound once, not per call
 
     def original(self):
         if self.own_forward is not None:
             return self.own_forward
-        return types.MethodType(type(self.model).forward, self.model)  # dynamo traces this (not __get__)
+        return functools.partial(type(self.model).forward, self.model)  # torch.compile traces a partial
 
     def __call__(self, *args, **kwargs):
-        return generic_forward(self.model, self.original(), self.spec, self.options, args, kwargs)
+        return generic_forward(self.model, self.original(), self.spec, self.options, args, kwargs, self.positional)
 
     @property
     def __signature__(self):
@@ -87,7 +123,7 @@ class PatchedForward:
 
     @property
     def __doc__(self):
-        return self.original().__doc__
+        return (self.own_forward or type(self.model).forward).__doc__
 
 
 def _installed(target) -> PatchedForward | None:
@@ -131,6 +167,7 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
         current.spec, current.options = spec, options
         return model
     target.forward = PatchedForward(target, spec, options, target.__dict__.get("forward"))
+    gather.install(target.get_output_embeddings())
     return model
 
 
@@ -146,6 +183,7 @@ def unpatch(model=None):
             target.forward = current.own_forward
         else:
             del target.__dict__["forward"]
+        gather.uninstall(target.get_output_embeddings())
     return model
 
 
@@ -190,13 +228,15 @@ def _patch_class(cls, options):
         return
     stock = cls.__dict__["forward"]
 
+    positional = positional_names(stock.__get__(object()))
+
     @functools.wraps(stock)
     def forward(self, *args, **kwargs):
         spec = HEADS.get(model_type_of(self))
         bound = stock.__get__(self)
-        if spec is None or _installed(self) is not None:
+        if spec is None or _installed(self) is not None or class_refusal(self) is not None:
             return bound(*args, **kwargs)
-        return generic_forward(self, bound, spec, _GLOBAL["options"], args, kwargs)
+        return generic_forward(self, bound, spec, _GLOBAL["options"], args, kwargs, positional)
 
     forward.__hf_fusedce__ = True
     _CLASS_PATCHES[cls] = stock
@@ -220,6 +260,8 @@ def _patch_classes(options):
             result = stock_post_init(self, *args, **kwargs)
             if type(self).__name__ in names and HEADS.get(model_type_of(self)):
                 _patch_class(type(self), _GLOBAL["options"])
+                if self.get_output_embeddings() is not None:
+                    gather.install(self.get_output_embeddings())
             return result
 
         PreTrainedModel.post_init = post_init

@@ -53,8 +53,12 @@ def fused_linear_cross_entropy(
     d, vocab = hidden.shape[-1], weight.shape[0]
     h2 = hidden.reshape(-1, d)
     rows, valid = _row_inputs(targets, target_probs, token_weights, spec, h2.shape[0])
-    n_valid = _validate_labels_and_count(rows.ids, valid, spec, vocab)
-    active = None if n_valid == h2.shape[0] else valid.nonzero().squeeze(1)
+    if torch.compiler.is_compiling():  # no host sync in a graph: every row runs (ignored ones weigh 0)
+        _assert_labels_in_range(rows.ids, spec, vocab)
+        active, n_valid = None, valid.sum()
+    else:
+        n_valid = _validate_labels_and_count(rows.ids, valid, spec, vocab)
+        active = None if n_valid == h2.shape[0] else valid.nonzero().squeeze(1)
     denom = _denominator(spec, num_items_in_batch, n_valid, h2.device)
     plan = _plan(spec, backend, hidden, weight, chunk_budget_bytes)
     out = FusedLinearCrossEntropyFn.apply(h2, weight, bias, rows, denom, active, plan)
@@ -149,12 +153,22 @@ def _validate_labels_and_count(ids, valid, spec, vocab) -> int:
     return int(n_valid)
 
 
+def _assert_labels_in_range(ids, spec, vocab):
+    """Under torch.compile: the range check as an asynchronous device assert (no host sync, no graph break);
+    it fails when the graph runs (CPU: RuntimeError; CUDA: device-side assert), as stock cross_entropy does."""
+    torch._assert_async(((ids >= 0) & (ids < vocab)).all(),
+                        f"target labels outside [0, {vocab}) that are not ignore_index ({spec.ignore_index})")
+
+
 def _denominator(spec, num_items_in_batch, n_valid, device):
+    """n_valid: an int (eager) or a 0-d tensor (under torch.compile)."""
     if num_items_in_batch is not None:
         denom = torch.as_tensor(num_items_in_batch, device=device).to(torch.float32)
         return denom.clamp(min=1.0)
     if spec.reduction == "sum":
         return torch.ones((), device=device)
+    if isinstance(n_valid, torch.Tensor):
+        return n_valid.to(torch.float32).clamp(min=1.0)
     return torch.tensor(float(max(n_valid, 1)), device=device)
 
 

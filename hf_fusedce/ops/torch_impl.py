@@ -66,6 +66,6 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
         p.mul_(tanh.square_().neg_().add_(1.0))
     if spec.logit_scale != 1.0:
         p.mul_(spec.logit_scale)
-    if p.data_ptr() != z.data_ptr():
+    if p is not z:  # identity, not data_ptr: torch.compile traces it
         z.copy_(p)
     return loss

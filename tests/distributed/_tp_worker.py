@@ -176,7 +176,10 @@ def check_hf(path, world):
     from transformers import AutoModelForCausalLM
 
     import hf_fusedce
-    from hf_fusedce.hf.forward import COUNTERS, head_operands
+    from unittest import mock
+
+    from hf_fusedce.hf import forward
+    from hf_fusedce.hf.forward import head_operands
 
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, HF_VOCAB, (2, 9), generator=g)
@@ -189,13 +192,13 @@ def check_hf(path, world):
     s_out, s_grads = _step(model, batch)  # stock first, then the same model patched
     model.zero_grad(set_to_none=True)
     patched = hf_fusedce.patch(model, backend="torch")
-    fused_before = COUNTERS["fused"]
     tracker, flops, handles = _watch_head(patched.get_output_embeddings())
-    p_out, p_grads = _step(patched, batch)
+    with mock.patch.object(forward, "_head_loss", wraps=forward._head_loss) as fused_path:
+        p_out, p_grads = _step(patched, batch)
     for h in handles:
         h.remove()
     n_active = int(labels[:, 1:].ne(-100).sum())
-    res = {"layout": layout, "fused_ran": COUNTERS["fused"] - fused_before,
+    res = {"layout": layout, "fused_ran": fused_path.call_count,
            "loss": (p_out.loss.item(), s_out.loss.item()), "largest_bytes": tracker.largest,
            "peak_bytes": tracker.peak_bytes, "head_bytes": HF_VOCAB * HF_DIM * 4,
            "head_flops": flops.get_total_flops(), "local_rows": _local(head_w).shape[0],

@@ -2,13 +2,14 @@
 pickling, save_pretrained -> stock from_pretrained, repeated patch/unpatch. Tiny Llama on CPU.
 
 Loss and gradients of the patched model are compared with the stock model on the same weights (the fused path
-only runs with labels and grad enabled; hf_fusedce.hf.forward.COUNTERS tells which path ran).
+only runs in training mode with labels; a spy on hf_fusedce.hf.forward._head_loss tells which path ran).
 """
 from __future__ import annotations
 
 import copy
 import io
 import pickle
+from unittest import mock
 
 import pytest
 import torch
@@ -18,7 +19,11 @@ patching = pytest.importorskip("hf_fusedce.hf.patching")
 
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from hf_fusedce.hf.forward import COUNTERS  # noqa: E402
+from hf_fusedce.hf import forward  # noqa: E402
+
+
+def fused_spy():
+    return mock.patch.object(forward, "_head_loss", wraps=forward._head_loss)
 
 patch, unpatch, is_patched, patched = patching.patch, patching.unpatch, patching.is_patched, patching.patched
 
@@ -53,9 +58,9 @@ def loss_and_grads(model, inputs, **extra):
 
 
 def assert_same_training(stock_model, fused_model, inputs, rtol=2e-5, atol=2e-6, **extra):
-    before = COUNTERS["fused"]
-    loss_f, grads_f = loss_and_grads(fused_model, inputs, **extra)
-    assert COUNTERS["fused"] > before, "the fused path did not run"
+    with fused_spy() as fused_path:
+        loss_f, grads_f = loss_and_grads(fused_model, inputs, **extra)
+    assert fused_path.call_count > 0, "the fused path did not run"
     loss_s, grads_s = loss_and_grads(stock_model, inputs, **extra)
     torch.testing.assert_close(loss_f, loss_s, rtol=rtol, atol=atol)
     assert grads_f.keys() == grads_s.keys()
@@ -124,9 +129,9 @@ def test_deepcopy_then_unpatch_copy_leaves_original_patched():
     unpatch(clone)
     assert not is_patched(clone) and "forward" not in clone.__dict__
     assert is_patched(fused)
-    before = COUNTERS["fused"]
-    fused(**batch()).loss.backward()
-    assert COUNTERS["fused"] == before + 1
+    with fused_spy() as fused_path:
+        fused(**batch()).loss.backward()
+    assert fused_path.call_count == 1
 
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
@@ -210,9 +215,9 @@ def test_repeated_patch_and_unpatch():
         assert not is_patched(model)
         assert "forward" not in model.__dict__ and "_hf_fusedce" not in model.__dict__
         assert type(model).forward is stock_forward
-        before = COUNTERS["fused"]
-        model(**batch()).loss.backward()
-        assert COUNTERS["fused"] == before, "fused path ran after unpatch"
+        with fused_spy() as fused_path:
+            model(**batch()).loss.backward()
+        assert fused_path.call_count == 0, "fused path ran after unpatch"
     unpatch(model)  # unpatching an unpatched model is a no-op
     assert not is_patched(model)
 
@@ -260,9 +265,9 @@ def test_patched_context_manager_and_class_patch_interplay():
         patch(inst, backend="torch")  # instance patch on top of a class patch
         unpatch(inst)
         assert is_patched(inst)  # still class-patched
-        before = COUNTERS["fused"]
-        inst(**batch()).loss.backward()
-        assert COUNTERS["fused"] == before + 1
+        with fused_spy() as fused_path:
+            inst(**batch()).loss.backward()
+        assert fused_path.call_count == 1
     finally:
         unpatch()
     assert not is_patched(tiny_llama())

@@ -1,13 +1,14 @@
 """Public API and behaviour of a patched model: idempotence, unpatch, context manager, refusal, signature,
 stock path without labels / in eval, tuple outputs, logits_to_keep, shift_labels, skip_logits, patch()."""
 import inspect
+from unittest import mock
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import hf_fusedce
-from hf_fusedce.hf.forward import COUNTERS
+from hf_fusedce.hf import forward
 from hf_fusedce.hf.proof import rel_err
 
 
@@ -79,28 +80,50 @@ def test_refused_family_has_a_reason():
         hf_fusedce.patch(m)
 
 
-def test_no_labels_and_eval_take_the_stock_path():
+def fused_spy():
+    """Counts the fused path's calls (the production forward keeps no global counter)."""
+    return mock.patch.object(forward, "_head_loss", wraps=forward._head_loss)
+
+
+def test_no_labels_takes_the_stock_path():
     m = tiny()
     ids, labels = data()
     stock_logits = m(input_ids=ids).logits
     hf_fusedce.patch(m)
-    before = dict(COUNTERS)
-    assert torch.equal(m(input_ids=ids).logits, stock_logits)
-    with torch.no_grad():
+    with fused_spy() as fused_path:
+        assert torch.equal(m(input_ids=ids).logits, stock_logits)
+    assert fused_path.call_count == 0
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_eval_mode_is_stock_with_logits_whatever_the_grad_mode(grad):
+    m = tiny().eval()
+    ids, labels = data()
+    stock = m(input_ids=ids, labels=labels)
+    hf_fusedce.patch(m)
+    with fused_spy() as fused_path, torch.set_grad_enabled(grad):
         out = m(input_ids=ids, labels=labels)
-    assert out.logits is not None and torch.equal(out.logits, stock_logits)
-    assert COUNTERS["fused"] == before["fused"] and COUNTERS["stock"] == before["stock"] + 2
+    assert fused_path.call_count == 0
+    assert out.logits is not None and torch.equal(out.logits, stock.logits) and torch.equal(out.loss, stock.loss)
 
 
-def test_skip_logits_true_fuses_even_without_grad():
-    m = tiny()
+def test_training_mode_without_grad_is_fused():
+    m = hf_fusedce.patch(tiny().train())
+    ids, labels = data()
+    with fused_spy() as fused_path, torch.no_grad():
+        out = m(input_ids=ids, labels=labels)
+    assert fused_path.call_count == 1 and out.logits is None
+
+
+def test_skip_logits_forces_either_way():
+    m = tiny().eval()
     ids, labels = data()
     stock = m(input_ids=ids, labels=labels).loss
     hf_fusedce.patch(m)
     with torch.no_grad():
         out = m(input_ids=ids, labels=labels, skip_logits=True)
     assert out.logits is None and rel_err(out.loss, stock) <= 1e-5
-    assert m(input_ids=ids, labels=labels, skip_logits=False).logits is not None
+    assert m.train()(input_ids=ids, labels=labels, skip_logits=False).logits is not None
 
 
 def test_tuple_output_and_positional_args():
@@ -151,12 +174,14 @@ def test_global_patch_covers_models_built_later_and_unpatch_restores():
     hf_fusedce.patch()
     try:
         torch.manual_seed(0)
-        m = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+        config = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        m = GPT2LMHeadModel(config).train()
         assert hf_fusedce.is_patched(m)
         ids, labels = data()
-        before = COUNTERS["fused"]
-        loss = m(input_ids=ids, labels=labels).loss
-        assert COUNTERS["fused"] == before + 1
+        with fused_spy() as fused_path:
+            loss = m(input_ids=ids, labels=labels).loss
+        assert fused_path.call_count == 1
         assert "logits_to_keep" in inspect.signature(m.forward).parameters
     finally:
         hf_fusedce.unpatch()
@@ -181,8 +206,8 @@ def test_accelerate_prepare_keeps_the_patch():
         m = accelerate.Accelerator(cpu=True, mixed_precision="bf16").prepare(m)
         assert hf_fusedce.is_patched(m)
         ids, labels = data()
-        before = COUNTERS["fused"]
-        assert m(input_ids=ids, labels=labels).loss.dtype == torch.float32
-        assert COUNTERS["fused"] == before + 1
+        with fused_spy() as fused_path:
+            assert m(input_ids=ids, labels=labels).loss.dtype == torch.float32
+        assert fused_path.call_count == 1
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
