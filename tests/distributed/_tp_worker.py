@@ -186,7 +186,7 @@ def check_hf(path, world):
     labels = ids.clone()
     labels[0, :3] = -100
     batch = dict(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(13))
-    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).train()  # fused: training mode
     head_w = model.get_output_embeddings().weight
     layout = f"{type(head_w).__name__}{tuple(getattr(head_w, 'placements', ()))}"
     s_out, s_grads = _step(model, batch)  # stock first, then the same model patched
