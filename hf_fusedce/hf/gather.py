@@ -52,10 +52,15 @@ class HeadSwitch:
         return type(self.head)._call_impl(self.head, *args, **kwargs)
 
     def remove(self) -> None:
-        if self.below is not None:
-            self.inner.__dict__[self.slot] = self.below
-        else:
-            self.inner.__dict__.pop(self.slot, None)
+        # accelerate may have wrapped us since (we then sit in `_old_forward`): restore wherever we are
+        for slot in ("forward", "_old_forward"):
+            if isinstance(self.inner.__dict__.get(slot), _InnerForward):
+                if self.below is not None:
+                    self.inner.__dict__[slot] = self.below
+                elif slot == "forward":
+                    del self.inner.__dict__[slot]
+                else:
+                    self.inner.__dict__[slot] = type(self.inner).forward.__get__(self.inner)
         self.head.__dict__.pop("_call_impl", None)
 
 

@@ -126,9 +126,18 @@ class PatchedForward:
         return (self.own_forward or type(self.model).forward).__doc__
 
 
+# Where an instance forward of ours can sit: `forward`, or `_old_forward` once accelerate's hook wrapper
+# (cpu_offload, dispatch_model, device_map=...) was added on top of it.
+_SLOTS = ("forward", "_old_forward")
+
+
+def _slot(target) -> str | None:
+    return next((s for s in _SLOTS if isinstance(target.__dict__.get(s), PatchedForward)), None)
+
+
 def _installed(target) -> PatchedForward | None:
-    fwd = target.__dict__.get("forward")
-    return fwd if isinstance(fwd, PatchedForward) else None
+    slot = _slot(target)
+    return None if slot is None else target.__dict__[slot]
 
 
 def _wrapped_patch(target) -> bool:
@@ -139,7 +148,8 @@ def _wrapped_patch(target) -> bool:
     while fwd is not None and seen < 8:
         if getattr(fwd, "__hf_fusedce__", False):
             return True
-        func = getattr(fwd, "__func__", fwd)  # where it was written: wrappers copy `__module__`
+        func = fwd.func if isinstance(fwd, functools.partial) else getattr(fwd, "__func__", fwd)  # where it was
+        # written: wrappers copy `__module__` (accelerate's hook wrapper is a partial of accelerate.hooks.new_forward)
         module = func.__globals__["__name__"] if hasattr(func, "__globals__") else type(func).__module__
         if not module.startswith(("accelerate.", "torch.")):
             return False
@@ -177,12 +187,15 @@ def unpatch(model=None):
         _unpatch_classes()
         return None
     target = unwrap(model)
-    current = _installed(target)
-    if current is not None:
+    slot = _slot(target)
+    if slot is not None:
+        current = target.__dict__[slot]
         if current.own_forward is not None:
-            target.forward = current.own_forward
-        else:
+            target.__dict__[slot] = current.own_forward
+        elif slot == "forward":
             del target.__dict__["forward"]
+        else:  # under accelerate's wrapper: it calls the stock bound forward again
+            target.__dict__[slot] = type(target).forward.__get__(target)
         gather.uninstall(target.get_output_embeddings())
     return model
 

@@ -1,0 +1,164 @@
+"""Boundaries of the patch (issue 10): which classes are fused, what a model's own `except Exception` around its
+head does, accelerate's offload / dispatch hooks on the head, multimodal inputs. Each ends in "same numbers as
+stock" or a clear refusal."""
+import copy
+
+import pytest
+import torch
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM, LlamaConfig,
+                          LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import hf_fusedce
+from hf_fusedce.hf.proof import rel_err
+
+TOL = 1e-5
+
+
+def tiny_llama(tie=False):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
+def data():
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels
+
+
+def loss_and_grads(model, **kw):
+    ids, labels = data()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels, **kw).loss
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---- point 1: decided by class ------------------------------------------------------------------------------
+
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+NOT_CAUSAL = {
+    "BertForMaskedLM": (lambda: BertForMaskedLM(BertConfig(**SMALL)), "BertLMHeadModel"),
+    "RobertaForMaskedLM": (lambda: RobertaForMaskedLM(RobertaConfig(**SMALL)), "RobertaForCausalLM"),
+    "BartForConditionalGeneration": (lambda: BartForConditionalGeneration(BartConfig(
+        vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)), "BartForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("name", NOT_CAUSAL)
+def test_a_class_whose_loss_is_not_the_causal_lm_loss_is_refused(name):
+    """BertForMaskedLM shares model_type "bert" with the causal BertLMHeadModel: the class decides."""
+    build, causal_sibling = NOT_CAUSAL[name]
+    model = build()
+    with pytest.raises(ValueError, match=f"refusing to patch {name}.*{causal_sibling}.*AutoModelForCausalLM"):
+        hf_fusedce.patch(model)
+    assert not hf_fusedce.is_patched(model)
+
+
+def test_global_patch_leaves_a_masked_lm_class_stock():
+    hf_fusedce.patch()
+    try:
+        model = NOT_CAUSAL["BertForMaskedLM"][0]()
+        assert not hf_fusedce.is_patched(model)
+    finally:
+        hf_fusedce.unpatch()
+
+
+class OwnForward(LlamaForCausalLM):
+    """A user subclass with its own forward: its loss is whatever it computes."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+
+
+class OnlyMethods(LlamaForCausalLM):
+    """A user subclass that adds methods only: the forward is LlamaForCausalLM's."""
+
+    def describe(self):
+        return "tiny"
+
+
+def test_subclass_with_its_own_forward_is_refused_and_one_without_is_fused():
+    config = tiny_llama().config
+    with pytest.raises(ValueError, match="OwnForward.forward, not a class of transformers' causal-LM mapping"):
+        hf_fusedce.patch(OwnForward(config))
+    stock = OnlyMethods(config)
+    s_loss, _ = loss_and_grads(stock)
+    fused = hf_fusedce.patch(copy.deepcopy(stock))
+    loss, _ = loss_and_grads(fused)
+    assert rel_err(loss, s_loss) <= TOL
+
+
+# ---- point 6: a model's own `except Exception` around its head ------------------------------------------------
+
+class GuardedHead(LlamaForCausalLM):
+    """Remote-code style forward that guards its head call with `except Exception` (e.g. a fallback path)."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        try:
+            logits = self.lm_head(hidden)
+        except Exception:  # noqa: BLE001 - the pattern under test
+            logits = self.lm_head(hidden.detach())
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_a_model_catching_exceptions_around_its_head_still_trains_exactly():
+    """The capture raises nothing, so nothing is swallowed (an exception-based capture lost every body gradient
+    here: the fallback's detached input was captured instead)."""
+    stock = GuardedHead(tiny_llama().config)
+    s_loss, s_grads = loss_and_grads(stock)
+    with pytest.warns(UserWarning, match="forced"):
+        fused = hf_fusedce.patch(copy.deepcopy(stock), force=True)
+    loss, grads = loss_and_grads(fused)
+    assert rel_err(loss, s_loss) <= TOL
+    assert grads.keys() == s_grads.keys()
+    for name, g in s_grads.items():
+        assert rel_err(grads[name], g) <= TOL, name
+
+
+# ---- point 4: accelerate's hooks on the head --------------------------------------------------------------------
+
+def _embeds_loss_and_grad(model, embed_weight):
+    """Loss and d loss / d inputs_embeds (offloaded parameters are reloaded per call: their .grad is not kept)."""
+    ids, labels = data()
+    embeds = torch.nn.functional.embedding(ids, embed_weight).requires_grad_(True)
+    loss = model(inputs_embeds=embeds, labels=labels).loss
+    loss.backward()
+    return loss.detach(), embeds.grad
+
+
+@pytest.mark.parametrize("order", ["patch_then_offload", "offload_then_patch"])
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "dispatch_model"])
+def test_accelerate_offloaded_head_is_called_through_its_hooks(how, order, tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    stock = tiny_llama()
+    embed_weight = stock.model.embed_tokens.weight.detach().clone()
+    s_loss, s_grad = _embeds_loss_and_grad(stock, embed_weight)
+
+    def offload(m):
+        if how == "cpu_offload":
+            return accelerate.cpu_offload(m, execution_device=torch.device("cpu"))
+        if how == "disk_offload":
+            return accelerate.disk_offload(m, offload_dir=str(tmp_path), execution_device=torch.device("cpu"))
+        device_map = {"model": "cpu", "lm_head": "disk"}  # the head alone offloaded to disk
+        return accelerate.dispatch_model(m, device_map=device_map, offload_dir=str(tmp_path))
+
+    model = copy.deepcopy(stock)
+    if order == "patch_then_offload":
+        model = offload(hf_fusedce.patch(model, backend="torch"))
+    else:
+        model = hf_fusedce.patch(offload(model), backend="torch")
+    assert model.lm_head.weight.device.type == "meta"  # outside its call the head has no weight here
+    assert hf_fusedce.is_patched(model)
+    loss, grad = _embeds_loss_and_grad(model, embed_weight)
+    out = model(inputs_embeds=torch.nn.functional.embedding(data()[0], embed_weight), labels=data()[1])
+    assert out.logits is None  # the fused path ran
+    assert rel_err(loss, s_loss) <= TOL and rel_err(grad, s_grad) <= TOL
+    hf_fusedce.unpatch(model)
+    assert rel_err(model(inputs_embeds=torch.nn.functional.embedding(data()[0], embed_weight),
+                         labels=data()[1]).loss, s_loss) <= TOL  # unpatched: accelerate's hooks still in place
