@@ -32,74 +32,72 @@ def _tanh(y):
 
 
 @triton.jit
-def _transform(raw, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """x = softcap * tanh(scale * raw / softcap); also returns tanh for the chain rule."""
+def _transform(raw, logit_scale, softcap):
+    """x = softcap * tanh(scale * raw / softcap) if softcap > 0 else scale * raw; also returns tanh for the chain
+    rule. The cap is a runtime branch, uniform per program: one compiled kernel serves both."""
     y = raw * logit_scale
     t = y
-    if HAS_SOFTCAP:  # one return statement: early returns under `if` are fragile in Triton's code generator
+    if softcap > 0.0:  # one return statement: early returns under `if` are fragile in Triton's code generator
         t = _tanh(y / softcap)
         y = softcap * t
     return y, t
 
 
-@triton.jit(do_not_specialize_on_alignment=["IDS", "PROBS", "WEIGHT", "SCALE"])
+@triton.jit(do_not_specialize=["stride_scale"], do_not_specialize_on_alignment=["IDS", "PROBS", "WEIGHT", "SCALE"])
 def _ce_rows_kernel(
     Z, stride_z, IDS, PROBS, WEIGHT, SCALE, stride_scale, LOSS,
     V, K, logit_scale, softcap, eps, z_loss,
-    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ONE_HOT: tl.constexpr, K_POW2: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One program per row. ONE_HOT (K == 1): the target is a scalar id, matched against a block's columns with
-    a 1-D compare. Soft targets (K > 1): a (BLOCK_V, K) match. Row inputs are not specialized on alignment, so
-    chunk slices starting at any row reuse one compiled kernel; Z is always a fresh, aligned GEMM output."""
+    """One program per row. The row's K target ids are scalars, matched against a block's columns by a 1-D
+    compare each (no (BLOCK_V, K) match, no shared memory); Triton specializes K == 1, the one-hot case. Row
+    inputs and the scale's stride are not specialized on alignment or value, so chunk slices starting at any
+    row, and both reductions, reuse one compiled kernel; Z is always a fresh, aligned GEMM output."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
-    if ONE_HOT:
-        ids = tl.load(IDS + row)
-        tau = tl.load(PROBS + row)
-    else:
-        kk = tl.arange(0, K_POW2)
-        kmask = kk < K
-        ids = tl.load(IDS + row * K + kk, mask=kmask, other=0)
-        tau = tl.load(PROBS + row * K + kk, mask=kmask, other=0.0)
+    ids_row = IDS + row * K
+    tau_row = PROBS + row * K
     w = tl.load(WEIGHT + row)
 
-    # Pass 1: online max and sum of exponentials, rescaled once per block (one exp per logit). The next block is
-    # loaded before this one is reduced, so a warp keeps two blocks of loads in flight.
+    # Pass 1: online max and sum of exponentials, rescaled once per block (one exp per logit). PREFETCH: the next
+    # block is loaded before this one is reduced, two blocks of loads in flight per warp. Only for rows aligned to
+    # 16 elements (vectorized loads): unaligned rows load element by element, and holding two blocks of those
+    # spilled registers on sm_90 (see cuda_aot).
     m = tl.full((), float("-inf"), tl.float32)
     sum_exp = tl.zeros((), tl.float32)
     x_sum = tl.zeros((), tl.float32)
-    cols = tl.arange(0, BLOCK_V)
-    raw = tl.load(z_row + cols, mask=cols < V, other=0.0)
+    if PREFETCH:
+        raw = tl.load(z_row + tl.arange(0, BLOCK_V), mask=tl.arange(0, BLOCK_V) < V, other=0.0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        nxt = tl.load(z_row + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=0.0)
-        x, _ = _transform(raw.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
+        if PREFETCH:
+            nxt = tl.load(z_row + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=0.0)
+        else:
+            raw = tl.load(z_row + cols, mask=mask, other=0.0)
+        x, _ = _transform(raw.to(tl.float32), logit_scale, softcap)
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # avoid (-inf) - (-inf)
         sum_exp = sum_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
-        if HAS_SMOOTHING:
-            x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        raw = nxt
+        x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)  # one add per logit: cheaper than a smoothing variant
+        if PREFETCH:
+            raw = nxt
     m = tl.where(m == float("-inf"), 0.0, m)
     log_sum = tl.log(sum_exp)
     lse = m + log_sum
 
     # tau_sum*lse - sum tau x, written as tau_sum*log_sum + sum tau (m - x): no cancellation at large logits
-    if ONE_HOT:
-        x_ids, _ = _transform(tl.load(z_row + ids).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
-        tau_sum = tau
-        gap = tau * (m - x_ids)
-    else:
-        x_ids, _ = _transform(tl.load(z_row + ids, mask=kmask, other=0.0).to(tl.float32), logit_scale, softcap,
-                              HAS_SOFTCAP)
-        tau_sum = tl.sum(tau, axis=0)
-        gap = tl.sum(tau * (m - x_ids), axis=0)
+    tau_sum = tl.zeros((), tl.float32)
+    gap = tl.zeros((), tl.float32)
+    for k in range(0, K):
+        tau_k = tl.load(tau_row + k)
+        x_k, _ = _transform(tl.load(z_row + tl.load(ids_row + k)).to(tl.float32), logit_scale, softcap)
+        tau_sum += tau_k
+        gap += tau_k * (m - x_k)
     loss = (1.0 - eps) * (tau_sum * log_sum + gap) + z_loss * lse * lse
-    if HAS_SMOOTHING:
+    if eps != 0.0:
         loss += eps * (log_sum + m - x_sum / V)
     tl.store(LOSS + row, tl.where(w != 0.0, w * loss, 0.0))
 
@@ -108,26 +106,27 @@ def _ce_rows_kernel(
         # p = exp(x - m) / sum_exp, not exp(x - lse): lse's rounding would dominate p ~ 1 at large logits.
         coef = w * tl.load(SCALE + row * stride_scale).to(tl.float32)
         c_row = coef * ((1.0 - eps) * tau_sum + eps + 2.0 * z_loss * lse) / sum_exp
-        a = coef * (1.0 - eps) * tau
+        a = coef * (1.0 - eps)
         uniform = coef * eps / V
-        cols = tl.arange(0, BLOCK_V)
-        raw = tl.load(z_row + cols, mask=cols < V, other=0.0)
+        if PREFETCH:
+            raw = tl.load(z_row + tl.arange(0, BLOCK_V), mask=tl.arange(0, BLOCK_V) < V, other=0.0)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
-            nxt = tl.load(z_row + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=0.0)
-            x, t = _transform(raw.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
-            g = c_row * tl.exp(x - m) - uniform
-            if ONE_HOT:
-                g = tl.where(cols == ids, g - a, g)
+            if PREFETCH:
+                nxt = tl.load(z_row + BLOCK_V + cols, mask=cols + BLOCK_V < V, other=0.0)
             else:
-                hit = (cols[:, None] == ids[None, :]) & kmask[None, :]
-                g -= tl.sum(tl.where(hit, a[None, :], 0.0), axis=1)
-            if HAS_SOFTCAP:
+                raw = tl.load(z_row + cols, mask=mask, other=0.0)
+            x, t = _transform(raw.to(tl.float32), logit_scale, softcap)
+            g = c_row * tl.exp(x - m) - uniform
+            for k in range(0, K):  # scalar id and tau per target, reloaded per block from L1
+                g = tl.where(cols == tl.load(ids_row + k), g - a * tl.load(tau_row + k), g)
+            if softcap > 0.0:
                 g *= 1.0 - t * t
             g = tl.where(w != 0.0, g * logit_scale, 0.0)  # ignored rows stay exactly zero (even if NaN)
             tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=mask)
-            raw = nxt
+            if PREFETCH:
+                raw = nxt
 
 
 def _block_v(vocab: int) -> int:
@@ -149,10 +148,9 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     n_k = ids.shape[1]
     _ce_rows_kernel[(n,)](
         z, z.stride(0), ids, probs, weight, scale, scale.stride(0), loss,
-        vocab, n_k, spec.logit_scale, spec.softcap if spec.softcap is not None else 1.0,
+        vocab, n_k, spec.logit_scale, spec.softcap if spec.softcap is not None else 0.0,
         spec.label_smoothing, spec.z_loss,
-        HAS_SOFTCAP=spec.softcap is not None, HAS_SMOOTHING=spec.label_smoothing != 0.0,
-        COMPUTE_GRAD=compute_grad, ONE_HOT=n_k == 1, K_POW2=triton.next_power_of_2(n_k), BLOCK_V=_block_v(vocab),
+        COMPUTE_GRAD=compute_grad, PREFETCH=vocab % 16 == 0, BLOCK_V=_block_v(vocab),
         num_warps=8,
     )
     return loss
