@@ -62,6 +62,20 @@ def unsupported_reason(head: nn.Module) -> str | None:
     return None
 
 
+def weight_modules(head: nn.Module) -> list[nn.Module]:
+    """The modules whose own parameters `linear_parts` reads directly (instead of calling them): under ZeRO-3
+    each must be entered through its hooks so its parameters are gathered (gather.call_through does that)."""
+    m = _select(head)
+    if _is_trainable_tokens(m):
+        tok = _token_layer(m)
+        return [tok, tok.base_layer, tok.trainable_tokens_delta]  # the deltas' ParameterDict is never called
+    if _is_lora(m):
+        if m.disable_adapters or m.merged:
+            return [m.base_layer]
+        return [m.base_layer, *(m.lora_B[a] for a in _lora_active(m))]
+    return [m]
+
+
 def linear_parts(head: nn.Module, hidden: torch.Tensor):
     """(hidden', weight, bias) with head(hidden) == hidden' @ weight.T + bias."""
     m = _select(head)

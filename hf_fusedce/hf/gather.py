@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import adapters
+
 _STOCK, _CAPTURE, _FUSE = 0, 1, 2
 
 
@@ -90,9 +92,11 @@ def install(head: nn.Module) -> HeadSwitch:
 
 
 def uninstall(head: nn.Module | None) -> None:
-    sw = None if head is None else switch_of(head)
-    if sw is not None:
-        sw.remove()
+    """Remove the switches of the head and of the modules below it (entered by call_through)."""
+    for module in () if head is None else head.modules():
+        sw = switch_of(module)
+        if sw is not None:
+            sw.remove()
 
 
 def capture(switch: HeadSwitch, run_model):
@@ -108,11 +112,22 @@ def capture(switch: HeadSwitch, run_model):
 
 def call_through(head: nn.Module, fn, hidden: torch.Tensor):
     """Run `fn(inner_module, hidden)` as if it were `head(hidden)`: the sharding / offload hooks around `head`
-    fire, so inside `fn` the inner module's parameters are full tensors on the execution device."""
-    switch = install(head)
-    switch.mode, switch.job = _FUSE, fn
-    try:
-        return head(hidden)
+    fire, so inside `fn` the inner module's parameters are full tensors on the execution device. Modules below
+    the head whose parameters the fused head reads without calling them (PEFT's base layer and lora_B,
+    modules_to_save's copy, trainable tokens: adapters.weight_modules) are entered the same way, nested, so
+    ZeRO-3's per-module hooks gather them too."""
+    inner = _inner(head)
+    below = [m for m in adapters.weight_modules(inner) if m is not inner and m is not head]
+    return _through([head, *below], lambda h: fn(inner, h), hidden)
+
+
+def _through(modules, job, hidden):
+    if not modules:
+        return job(hidden)
+    switch = install(modules[0])
+    switch.mode, switch.job = _FUSE, (lambda inner, h: _through(modules[1:], job, h))
+    try:  # Module.__call__, not modules[0](...): ParameterDict (trainable tokens' deltas) forbids being called
+        return nn.Module.__call__(modules[0], hidden)
     finally:
         switch.mode, switch.job = _STOCK, None
 

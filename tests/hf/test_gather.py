@@ -140,3 +140,36 @@ def test_fsdp2_fully_shard_one_rank(one_rank_group, tie):
         ours = grads[name]
         ours = ours.full_tensor() if isinstance(ours, DTensor) else ours
         assert rel_err(ours, g) <= 1e-5, name
+
+
+def zero3_every_module(root):
+    """DeepSpeed ZeRO-3 puts its hooks on every module that owns parameters: emulate that below `root`."""
+    return [Zero3Emulation(m) for m in root.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+PEFT_HEADS = {
+    "lora": lambda peft: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+    "modules_to_save": lambda peft: peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "trainable_tokens": lambda peft: peft.TrainableTokensConfig(target_modules=["lm_head"], token_indices=[1, 5]),
+}
+
+
+@pytest.mark.parametrize("adapter", list(PEFT_HEADS))
+def test_zero3_style_peft_head_gathers_every_parameter_it_reads(adapter):
+    """LoRA's base layer and lora_B, the modules_to_save copy, the trainable-token delta and its base layer are
+    read by the fused head without being called: each is entered through its own ZeRO-3 hooks."""
+    peft = pytest.importorskip("peft")
+    stock = peft.get_peft_model(tiny(), PEFT_HEADS[adapter](peft))
+    with torch.no_grad():  # make the adapter matter (LoRA B starts at zero, token deltas at the base rows)
+        for n, p in stock.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    stock.train()
+    s_loss, s_grads = loss_and_grads(stock)
+    model = hf_fusedce.patch(copy.deepcopy(stock), backend="torch")
+    zero3_every_module(model.get_base_model().lm_head)  # a parameter read un-gathered is empty: error
+    loss, grads = loss_and_grads(model)
+    assert rel_err(loss, s_loss) <= 1e-5
+    assert grads.keys() == s_grads.keys()
+    for name, g in s_grads.items():
+        assert rel_err(grads[name], g) <= 1e-5, name
