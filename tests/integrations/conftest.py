@@ -29,7 +29,7 @@ def _quiet_one_thread():
 @pytest.fixture(scope="session")
 def records():
     from hf_fusedce.demo.data import make_sft_records
-    return make_sft_records(n=48, seed=0)
+    return make_sft_records(n=24, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -47,17 +47,18 @@ class StepTracker:
     """Wraps a trainer's training_step in the tracker. `ratio`: the largest tensor a step created, in units of
     that step's tokens x vocabulary (>= 1: a full logits-sized tensor existed)."""
 
-    def __init__(self, trainer, vocab):
+    def __init__(self, trainer, vocab, tokens=lambda inputs: inputs["input_ids"].numel(), method="training_step"):
         self.ratio = 0.0
-        step = trainer.training_step
+        step = getattr(trainer, method)
 
         def tracked(model, inputs, *args, **kwargs):
+            n = tokens(inputs)
             with LargestTensor() as tracker:
                 out = step(model, inputs, *args, **kwargs)
-            self.ratio = max(self.ratio, tracker.max_numel / (inputs["input_ids"].numel() * vocab))
+            self.ratio = max(self.ratio, tracker.max_numel / (n * vocab))
             return out
 
-        trainer.training_step = tracked
+        setattr(trainer, method, tracked)
 
 
 def logged(trainer, keys):

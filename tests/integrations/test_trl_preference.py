@@ -1,0 +1,123 @@
+"""DPOTrainer, KTOTrainer and GRPOTrainer on hf_fusedce's head against the same trainers on TRL's own head:
+same logged metrics (fp32: step 1 within 1e-5, later steps 1e-3, see test_trl_sft.py), our op ran (policy and
+reference model), no training step created a tokens x vocabulary tensor."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("trl")
+
+import hf_fusedce  # noqa: E402
+from integration_helpers import StepTracker, assert_same_metrics, tiny_llama  # noqa: E402
+
+BUDGET = 16 * 1024  # a few rows of logits per chunk
+SKIP = {"learning_rate", "epoch", "num_tokens", "step_time", "total_flos", "train_runtime",
+        "train_samples_per_second", "train_steps_per_second", "train_loss"}
+
+
+def _pairs(records):
+    from datasets import Dataset
+    rows = []
+    for i, r in enumerate(records[:12]):
+        other = records[(i + 7) % len(records)]
+        rows.append({"prompt": r["messages"][0]["content"], "chosen": " " + r["messages"][1]["content"],
+                     "rejected": " " + other["messages"][1]["content"]})
+    return Dataset.from_list(rows)
+
+
+def _unpaired(records):
+    from datasets import Dataset
+    rows = [{"prompt": r["messages"][0]["content"], "completion": " " + r["messages"][1]["content"],
+             "label": i % 2 == 0} for i, r in enumerate(records[:12])]
+    return Dataset.from_list(rows)
+
+
+def _logs(trainer):
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    keys = sorted({k for r in rows for k in r} - SKIP)
+    return {k: [r[k] for r in rows if k in r] for k in keys}
+
+
+def _compare(ours, stock):
+    mine, theirs = _logs(ours), _logs(stock)
+    assert set(mine) == set(theirs), (sorted(mine), sorted(theirs))
+    first = [k for k in mine if k != "grad_norm"]  # Trainer's grad_norm: see LATER_STEPS_RTOL in test_trl_sft.py
+    assert_same_metrics({k: mine[k][:1] for k in first}, {k: theirs[k][:1] for k in first}, rtol=1e-5)
+    assert_same_metrics(mine, theirs, rtol=1e-3)
+
+
+def _run(make, tokenizer, patch, **track):
+    model, ref = tiny_llama(tokenizer), tiny_llama(tokenizer)  # the same weights (seeded)
+    if patch:
+        for m in (model, ref):
+            hf_fusedce.patch(m, chunk_budget_bytes=BUDGET)
+    trainer = make(model, ref)
+    tracker = StepTracker(trainer, len(tokenizer), **track)
+    trainer.train()
+    return trainer, tracker
+
+
+def _common(tmp_path, name):
+    return dict(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+
+
+def test_dpo_matches_trl_head(tokenizer, records, tmp_path, op_spy):
+    from trl import DPOConfig, DPOTrainer
+
+    def make(model, ref):
+        args = DPOConfig(max_length=64, **_common(tmp_path, "dpo"))
+        return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=_pairs(records),
+                          processing_class=tokenizer)
+
+    stock, _ = _run(make, tokenizer, patch=False)
+    ours, steps = _run(make, tokenizer, patch=True)
+    assert hf_fusedce.is_patched(ours.model) and hf_fusedce.is_patched(ours.ref_model)
+    assert op_spy.calls >= 4  # policy and reference each step
+    _compare(ours, stock)
+    assert steps.ratio < 0.5
+
+
+def test_kto_matches_trl_head(tokenizer, records, tmp_path, op_spy):
+    from trl import KTOConfig, KTOTrainer
+
+    def make(model, ref):
+        args = KTOConfig(max_length=64, **_common(tmp_path, "kto"))
+        return KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=_unpaired(records),
+                          processing_class=tokenizer)
+
+    stock, _ = _run(make, tokenizer, patch=False)
+    ours, steps = _run(make, tokenizer, patch=True)
+    assert hf_fusedce.is_patched(ours.model)
+    assert op_spy.calls >= 4
+    _compare(ours, stock)
+    assert steps.ratio < 0.5
+
+
+def _length_reward(completions, **kwargs):
+    return [float(len(c)) / 10.0 for c in completions]
+
+
+def test_grpo_matches_trl_head(tokenizer, records, tmp_path, op_spy):
+    """Generation (sampled, seeded), a reward function, temperature 0.7 (TRL's head divides by it), entropy."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts = Dataset.from_list([{"prompt": r["messages"][0]["content"]} for r in records[:8]])
+
+    def make(model, ref):  # beta=0: no reference model
+        args = GRPOConfig(num_generations=2, max_completion_length=24, temperature=0.7, beta=0.0,
+                          **_common(tmp_path, "grpo"))
+        return GRPOTrainer(model=model, reward_funcs=_length_reward, args=args, train_dataset=prompts,
+                           processing_class=tokenizer)
+
+    # generation (stock: one row of vocabulary logits per sequence and new token) happens in the training step;
+    # the tracker watches the loss, whose forward and backward run through the head
+    track = dict(tokens=lambda inputs: inputs["completion_ids"].numel(), method="compute_loss")
+    stock, _ = _run(make, tokenizer, patch=False, **track)
+    ours, steps = _run(make, tokenizer, patch=True, **track)
+    assert hf_fusedce.is_patched(ours.model)
+    assert op_spy.calls >= 2
+    _compare(ours, stock)
+    # 48 scored tokens: the largest tensors are the vocab x hidden (512 x 32) weight gradients, 2/3 of 48 x vocab
+    assert steps.ratio < 1.0
