@@ -2,11 +2,12 @@
 
 transformers' `tp_plan` (from_pretrained(..., tp_plan="auto") or a DistributedConfig) shards the lm_head with
 `colwise_gather_output`: weight (and bias) become DTensors Shard(0) on the mesh dimension named "tp", tied or not
-(a tied embedding is the same parameter), and stock gathers the logits. Under FSDP2 x TP (DistributedConfig with
-fsdp_size > 1) FSDP's hooks unshard the "fsdp" dimension before the head runs, leaving the same "tp" layout.
-`vocab_shard` recognises that layout and hands the head to the vocab-parallel op on the tp dimension's process
+(a tied embedding is the same parameter), and stock gathers the logits. `vocab_shard` recognises that layout and hands the head to the vocab-parallel op on the tp dimension's process
 group; gradients flow to the local slice of the DTensor (to_local is differentiable). Anything else sharded (an
 FSDP2 DTensor seen outside its unshard window, other placements) keeps the full-tensor path (gather.py).
+FSDP2 x TP (DistributedConfig(tp_size=2, fsdp_size=2) builds a (fsdp, tp) mesh): FSDP2 unshards the "fsdp"
+dimension before the head runs, so the head sees the same "tp" layout and takes the same path; FSDP2 then
+reduce-scatters the slice's gradient over "fsdp" as for stock.
 """
 from __future__ import annotations
 

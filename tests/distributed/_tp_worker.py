@@ -171,6 +171,14 @@ def _step(model, batch):
     return out, {n: None if p.grad is None else _local(p.grad).detach().clone() for n, p in model.named_parameters()}
 
 
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, HF_VOCAB, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return dict(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(13))
+
+
 def check_hf(path, world):
     """Stock and patched TP models from the same checkpoint, same batch (identical on every rank)."""
     from transformers import AutoModelForCausalLM
@@ -181,11 +189,8 @@ def check_hf(path, world):
     from hf_fusedce.hf import forward
     from hf_fusedce.hf.forward import head_operands
 
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, HF_VOCAB, (2, 9), generator=g)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    batch = dict(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(13))
+    batch = _batch(5)
+    labels = batch["labels"]
     model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).train()  # fused: training mode
     head_w = model.get_output_embeddings().weight
     layout = f"{type(head_w).__name__}{tuple(getattr(head_w, 'placements', ()))}"
@@ -222,6 +227,41 @@ def check_hf(path, world):
     return res
 
 
+def check_fsdp_x_tp(path, rank):
+    """DistributedConfig(tp_size=2, fsdp_size=2) on 4 ranks: transformers builds a (fsdp, tp) mesh and FSDP2 unshards
+    the fsdp dimension before the head runs. Each tp pair holds its own batch. Stock then patched, same model: loss
+    and every local gradient shard (after FSDP2's reduce-scatter)."""
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    import hf_fusedce
+    from hf_fusedce.hf import forward, tensor_parallel
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 distributed_config=DistributedConfig(tp_size=2, fsdp_size=2)).train()
+    w = model.get_output_embeddings().weight
+    batch = _batch(100 + rank // 2)  # tp pairs (0, 1) and (2, 3) share a batch
+    s_out, s_grads = _step(model, batch)
+    model.zero_grad(set_to_none=True)
+    hf_fusedce.patch(model, backend="torch")
+    routed, real = [], tensor_parallel.vocab_shard
+
+    def spy(*args):
+        shard = real(*args)
+        routed.append(shard is not None)
+        return shard
+
+    with mock.patch.object(forward, "_head_loss", wraps=forward._head_loss) as fused_path, \
+            mock.patch.object(tensor_parallel, "vocab_shard", spy):
+        p_out, p_grads = _step(model, batch)
+    errs = {n: None if g is None or p_grads[n] is None else rel_err(p_grads[n], g) for n, g in s_grads.items()}
+    return {"mesh": tuple(w.device_mesh.mesh_dim_names), "fused_ran": fused_path.call_count,
+            "vocab_parallel": sum(routed),
+            "loss": (p_out.loss.item(), s_out.loss.item()), "grad_errs": errs}
+
+
 def refusals(rank, world):
     """Misuse raises a clear error on every rank (no hang): ranks holding different tokens, a triton backend."""
     hidden, weight = torch.randn(N, D), torch.randn(8, D)
@@ -249,8 +289,11 @@ def main(argv=None):
     result["op_f64_tiny_vocab"] = check_op(world - 1 if world > 2 else 3, torch.float64, rank, world)
     result["op_flops"] = op_flops(rank, world)
     result["refusals"] = refusals(rank, world)
-    for tied, path in save_tiny_llamas(a.out, rank).items():
+    dirs = save_tiny_llamas(a.out, rank)
+    for tied, path in dirs.items():
         result[f"hf_tied{tied}"] = check_hf(path, world)
+    if world == 4:
+        result["fsdp_x_tp"] = check_fsdp_x_tp(dirs[0], rank)
     torch.save(result, os.path.join(a.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -81,3 +81,20 @@ def test_tp_head_allocates_no_full_weight_and_does_1_over_tp_of_the_flops(ranks,
         vocab = got["head_bytes"] // (4 * 32)
         assert got["head_flops"] * vocab == got["single_device_flops"] * got["local_rows"], where
         assert got["local_rows"] <= -(-vocab // r["world"]), where
+
+
+def test_fsdp2_x_tp_mesh_matches_stock(ranks):
+    """transformers' DistributedConfig(tp_size=2, fsdp_size=2) on 4 CPU ranks: the head runs vocab-parallel on the tp
+    pair and loss and every local gradient shard equal stock's."""
+    if ranks[0]["world"] != 4:
+        pytest.skip("needs 4 ranks (fsdp 2 x tp 2)")
+    for r in ranks:
+        got = r["fsdp_x_tp"]
+        where = f"rank {r['rank']} fsdp x tp"
+        assert got["mesh"] == ("fsdp", "tp"), got["mesh"]
+        assert got["fused_ran"] == 1 and got["vocab_parallel"] == 1, (where, got)
+        ours, stock = got["loss"]
+        assert abs(ours - stock) <= RTOL * abs(stock), (where, ours, stock)
+        assert len(got["grad_errs"]) >= 20
+        for name, err in got["grad_errs"].items():
+            assert err is not None and err <= RTOL, f"{where} grad {name}: rel err {err}"
