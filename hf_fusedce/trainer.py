@@ -4,8 +4,8 @@
     trainer = FusedCETrainer(model=model, args=training_args, train_dataset=ds, data_collator=collator)
     trainer.train()
 
-The model is patched before accelerate prepares it (evaluation and generation keep the stock head, so eval
-loss is the stock number); the callback logs the `fusedce/*` keys, writes `<output_dir>/fusedce_summary.json`
+The model is patched before accelerate prepares it (generation and evaluation with metrics keep the stock
+head; evaluation with `prediction_loss_only` computes the eval loss fused, without logits); the callback logs the `fusedce/*` keys, writes `<output_dir>/fusedce_summary.json`
 and the model card's "Training memory" section. With another Trainer (TRL's SFTTrainer...), patch the model
 yourself if you want the fused head, and attach the callback: `FusedCEMemoryCallback().attach(trainer)`.
 """
@@ -49,6 +49,14 @@ class FusedCETrainer(Trainer):
                                  "{'force': True}) to force it, or FusedCEConfig(enabled=False) for the stock "
                                  "head.") from err
         return model
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation with `prediction_loss_only` (no compute_metrics): the eval loss is computed fused, with no
+        logits (`skip_logits=True`), so long-context evaluation does not build [tokens x vocab]. Otherwise
+        (metrics need logits) the model is in eval mode and runs the stock forward."""
+        if prediction_loss_only and self.fusedce_config.enabled and "labels" in inputs:
+            inputs = {**inputs, "skip_logits": True}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def call_model_init(self, trial=None):
         return self._fce_patch(super().call_model_init(trial))
