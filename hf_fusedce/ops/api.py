@@ -6,7 +6,7 @@ import os
 import torch
 
 from . import torch_impl
-from .autograd import FusedLinearCrossEntropyFn, Plan
+from .autograd import DW_ACCUMULATION, FusedLinearCrossEntropyFn, Plan
 from .chunking import default_budget_bytes
 from .spec import LossSpec, RowInputs
 
@@ -32,6 +32,7 @@ def fused_linear_cross_entropy(
     target_probs: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_budget_bytes: int | None = None,
+    dw_accumulation: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of softmax(z) with z = softcap*tanh(logit_scale*(hidden @ weight.T + bias)/softcap),
     computed chunk by chunk so the [tokens x vocab] logits never exist in full.
@@ -43,11 +44,14 @@ def fused_linear_cross_entropy(
     token's loss (the mean still divides by the count of non-ignored tokens). Soft targets: ``targets`` of
     shape (..., k) holding class ids and ``target_probs`` (..., k) their probabilities. ``z_loss`` adds
     z_loss * logsumexp(z)^2 per non-ignored token. ``chunk_budget_bytes`` bounds the logits working set
-    (default per device; env HF_FUSEDCE_CHUNK_BUDGET_MB). The loss is float32.
+    (default per device; env HF_FUSEDCE_CHUNK_BUDGET_MB). ``dw_accumulation`` ("auto" | "fp32" | "native")
+    sets how a bf16/fp16 weight's gradient accumulates over chunks (README, "GPU status"). The loss is float32.
     """
     spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), float(logit_scale))
     _check_options(spec, backend, num_items_in_batch)
+    if dw_accumulation not in DW_ACCUMULATION:
+        raise ValueError(f"dw_accumulation must be one of {DW_ACCUMULATION}, got {dw_accumulation!r}")
     _check_tensors(hidden, weight, targets, bias, token_weights, target_probs)
     lead = targets.shape[:-1] if target_probs is not None else targets.shape
     d, vocab = hidden.shape[-1], weight.shape[0]
@@ -60,7 +64,7 @@ def fused_linear_cross_entropy(
         n_valid = _validate_labels_and_count(rows.ids, valid, spec, vocab)
         active = None if n_valid == h2.shape[0] else valid.nonzero().squeeze(1)
     denom = _denominator(spec, num_items_in_batch, n_valid, h2.device)
-    plan = _plan(spec, backend, hidden, weight, chunk_budget_bytes)
+    plan = _plan(spec, backend, hidden, weight, chunk_budget_bytes, dw_accumulation)
     out = FusedLinearCrossEntropyFn.apply(h2, weight, bias, rows, denom, active, plan)
     return out.reshape(lead) if reduction == "none" else out
 
@@ -172,7 +176,7 @@ def _denominator(spec, num_items_in_batch, n_valid, device):
     return torch.tensor(float(max(n_valid, 1)), device=device)
 
 
-def _plan(spec, backend, hidden, weight, budget) -> Plan:
+def _plan(spec, backend, hidden, weight, budget, dw_accumulation="auto") -> Plan:
     device = hidden.device
     if torch.is_autocast_enabled(device.type):
         compute_dtype = torch.get_autocast_dtype(device.type)
@@ -180,7 +184,7 @@ def _plan(spec, backend, hidden, weight, budget) -> Plan:
         compute_dtype = weight.dtype
     impl = _resolve_backend(backend, device)
     return Plan(spec, impl.ce_rows, impl.working_bytes_per_logit, compute_dtype,
-                budget if budget is not None else default_budget_bytes(device))
+                budget if budget is not None else default_budget_bytes(device), dw_accumulation=dw_accumulation)
 
 
 def triton_available(device: torch.device) -> bool:

@@ -28,6 +28,7 @@ class Plan:
     compute_dtype: torch.dtype
     budget_bytes: int
     chunk_vocab: int | None = None  # vocab width that sizes chunks, if not the weight's (vocab-parallel ranks)
+    dw_accumulation: str = "auto"  # see DW_ACCUMULATION
 
 
 @dataclass
@@ -64,8 +65,9 @@ def _chunk_loop(h, w, b, rows, active_rows, plan, need):
     n_active = n_total if active_rows is None else active_rows.numel()
     width = plan.chunk_vocab or vocab
     step = rows_per_chunk(n_active, width, plan.bytes_per_logit(plan.spec, plan.compute_dtype), plan.budget_bytes)
-    if need_dw:
-        dw = torch.zeros(w.shape, dtype=_dw_dtype(w, acc_dtype, -(-n_active // step)), device=w.device)
+    if need_dw:  # the first chunk's GEMM writes dW with beta=0: no zero fill, unless there is no chunk at all
+        dtype = dw_accumulator_dtype(w.dtype, -(-n_active // step), plan.dw_accumulation)
+        dw = (torch.empty if n_active else torch.zeros)(w.shape, dtype=dtype, device=w.device)
     for start in range(0, n_active, step):
         sel = slice(start, min(start + step, n_active))
         if active_rows is not None:
@@ -80,7 +82,7 @@ def _chunk_loop(h, w, b, rows, active_rows, plan, need):
             else:
                 _put_rows(dh, sel, z @ wc)
         if need_dw:
-            _accumulate_dw(dw, z, hc)
+            _accumulate_dw(dw, z, hc, first=start == 0)
         if need_db:
             db += z.sum(0, dtype=acc_dtype)
         del z  # free this chunk before the next one is allocated: one chunk alive at a time
@@ -94,37 +96,69 @@ def _put_rows(dst, sel, src):
         dst.index_copy_(0, sel, src.to(dst.dtype))
 
 
-# Low-precision weights with at most this many chunks accumulate dW in their own dtype: every chunk's GEMM
-# sums its tokens in fp32 and rounds once, so a few chunks round about as often as stock's single GEMM, and
-# no V x D fp32 buffer (2 GiB at V=128k, D=4096) is needed. More chunks: an fp32 accumulator.
+# dW accumulation for bf16/fp16 weights (float32 and float64 weights always accumulate in their own dtype):
+#   "native": dW in the weight's dtype; every chunk's GEMM sums its tokens in fp32 and rounds once, then the
+#             chunk is added in low precision. No V x D fp32 buffer, but one more rounding per chunk.
+#   "fp32":   a V x D fp32 accumulator, cast down blockwise in place at the end (see _finish).
+#   "auto":   native up to MAX_CHUNKS_NATIVE_DW chunks, fp32 beyond.
+# MAX_CHUNKS_NATIVE_DW comes from measured error (README, "GPU status"; hf_fusedce/bench/dw_precision.py).
+DW_ACCUMULATION = ("auto", "fp32", "native")
 MAX_CHUNKS_NATIVE_DW = 4
 
 
-def _dw_dtype(w, acc_dtype, n_chunks):
-    if w.dtype in (torch.float16, torch.bfloat16) and n_chunks <= MAX_CHUNKS_NATIVE_DW:
-        return w.dtype
-    return acc_dtype
+def dw_accumulator_dtype(weight_dtype: torch.dtype, n_chunks: int, policy: str = "auto") -> torch.dtype:
+    if weight_dtype not in (torch.float16, torch.bfloat16):
+        return weight_dtype
+    if policy == "native" or (policy == "auto" and n_chunks <= MAX_CHUNKS_NATIVE_DW):
+        return weight_dtype
+    return torch.float32
 
 
-def _accumulate_dw(dw, g, hc):
+def _accumulate_dw(dw, g, hc, first: bool):
+    beta = 0.0 if first else 1.0  # beta=0 ignores dw's (uninitialized) contents, NaN included
     if g.dtype == dw.dtype:
-        dw.addmm_(g.t(), hc)
+        dw.addmm_(g.t(), hc, beta=beta)
         return
     if dw.is_cuda and _MIXED_ADDMM["ok"]:  # fp32 accumulator fed by a low-precision GEMM, no V x D temporary
         try:
-            torch.addmm(dw, g.t(), hc, out_dtype=dw.dtype, out=dw)
+            torch.addmm(dw, g.t(), hc, beta=beta, out_dtype=dw.dtype, out=dw)
             return
         except (RuntimeError, TypeError):  # this build lacks the kernel: remember, use the fallback
             _MIXED_ADDMM["ok"] = False
     # no mixed-dtype GEMM here (CPU, older torch): low-precision GEMM, then fp32 sum
-    dw += g.t() @ hc
+    if first:
+        dw.copy_(g.t() @ hc)
+    else:
+        dw += g.t() @ hc
 
 
 _MIXED_ADDMM = {"ok": "dtype_out" in torch.ops.aten.addmm.overloads()}
+DOWNCAST_BLOCK_BYTES = 64 << 20
 
 
-def _finish(grad, dtype):
-    return None if grad is None else grad.to(dtype)
+def _finish(grad, dtype, scale):
+    """grad * scale (scale None: 1) in `dtype`. A float32 gradient of a bf16/fp16 parameter is cast blockwise
+    into its own storage, so no second full-size buffer exists; the result is a view of that storage."""
+    if grad is None:
+        return None
+    if grad.dtype == dtype:
+        return grad.mul_(scale.to(dtype)) if scale is not None else grad
+    if grad.dim() < 2 or torch.finfo(dtype).bits * 2 != torch.finfo(grad.dtype).bits or not grad.is_contiguous():
+        return (grad.mul_(scale.to(grad.dtype)) if scale is not None else grad).to(dtype)
+    out = grad.view(-1).view(dtype)[: grad.numel()].view(grad.shape)
+    rows = max(1, DOWNCAST_BLOCK_BYTES // (grad.stride(0) * grad.element_size()))
+    for start in range(0, grad.shape[0], rows):
+        # block i lands on bytes of rows already read (out's end <= start of unread rows): safe in place
+        src = grad[start:start + rows]
+        out[start:start + rows] = (src * scale.to(src.dtype) if scale is not None else src).to(dtype)
+    return out
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    """grad_out == 1 (the usual loss.backward()): skip the scaling. One host sync; none under torch.compile."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.numel() == 1 and bool(t == 1)
 
 
 class FusedLinearCrossEntropyFn(torch.autograd.Function):
@@ -155,6 +189,7 @@ class FusedLinearCrossEntropyFn(torch.autograd.Function):
             rows.scale = grad_out.contiguous()
             _, grads = chunked_pass(h, w, b, rows, ctx.active_rows, plan, need)
             like = (h.dtype, w.dtype, None if b is None else b.dtype)
+            scale = None  # the per-token upstream gradient is already inside
         else:
             grads, like = ctx.grads, ctx.dtypes
             if grads is None:
@@ -162,9 +197,6 @@ class FusedLinearCrossEntropyFn(torch.autograd.Function):
                                    "(retain_graph). Its gradients are computed in the forward and handed over "
                                    "once; recompute the loss for a second backward.")
             ctx.grads = None  # free the saved gradients as soon as they are handed over
-            go = grad_out
-            for g in (grads.hidden, grads.weight, grads.bias):
-                if g is not None:
-                    g.mul_(go.to(g.dtype))
-        return (_finish(grads.hidden, like[0]), _finish(grads.weight, like[1]),
-                _finish(grads.bias, like[2]) if like[2] is not None else None, None, None, None, None)
+            scale = None if _is_one(grad_out) else grad_out
+        return (_finish(grads.hidden, like[0], scale), _finish(grads.weight, like[1], scale),
+                _finish(grads.bias, like[2], scale) if like[2] is not None else None, None, None, None, None)

@@ -22,10 +22,19 @@ def default_budget_bytes(device: torch.device) -> int:
     return DEFAULT_BUDGET_BYTES.get(device.type, DEFAULT_BUDGET_BYTES["cpu"])
 
 
+ROW_MULTIPLE = 128  # GEMM tile height: chunks of several hundred rows stay whole tiles
+
+
 def rows_per_chunk(n_rows: int, vocab: int, bytes_per_logit: int, budget_bytes: int) -> int:
-    """Largest row count whose logits working set fits the budget, balanced so chunks are equal."""
+    """Largest row count whose logits working set fits the budget, balanced so chunks are equal, and a
+    multiple of ROW_MULTIPLE when the budget holds at least that many rows (tiny test budgets keep tiny chunks)."""
     if n_rows <= 0:
         return 1
     fit = max(1, budget_bytes // max(1, vocab * bytes_per_logit))
+    if fit >= ROW_MULTIPLE:
+        fit -= fit % ROW_MULTIPLE
     n_chunks = math.ceil(n_rows / fit)
-    return math.ceil(n_rows / n_chunks)
+    step = math.ceil(n_rows / n_chunks)
+    if n_chunks > 1 and fit >= ROW_MULTIPLE:  # rounding up stays within fit, itself a multiple
+        step = math.ceil(step / ROW_MULTIPLE) * ROW_MULTIPLE
+    return step
