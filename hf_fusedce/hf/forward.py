@@ -37,12 +37,13 @@ class FusedOptions:
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     return_logits: bool = False
+    force: bool = False  # also fuse what is unproven (multimodal inputs of a family proven on text only)
 
 
-# Inputs that make a multimodal *ForConditionalGeneration run its encoders: only families proven with such a
-# batch (heads.MULTIMODAL_PROVEN) fuse them; the others run stock with a warning.
-MULTIMODAL_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values", "image_embeds",
-                     "pixel_values_images", "audio_values")
+# Keyword fragments of the inputs that make a multimodal model run its encoders (pixel_values, image_patches,
+# input_features, audio_input_features...): only families proven with such a batch (heads.MULTIMODAL_PROVEN)
+# fuse them; the others run stock with a warning.
+MULTIMODAL_INPUTS = ("pixel", "image", "video", "audio", "input_features", "input_values", "patches")
 
 
 def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args, kwargs, positional=None):
@@ -53,7 +54,7 @@ def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args
         if keyword in call and call.pop(keyword):
             return handler(model, original, spec, options, call)
     skip_logits = call.pop("skip_logits", None)  # Trainer / Liger convention: accepted, never forwarded
-    if not _should_fuse(model, spec, call, skip_logits):
+    if not _should_fuse(model, spec, options, call, skip_logits):
         return original(**call)
     head = model.get_output_embeddings()
     hidden, base_out = _capture(model, head, original, {**call, "labels": None} if "labels" in call else call)
@@ -87,7 +88,7 @@ def _bind(original, args, kwargs, positional) -> dict:
     return {**dict(zip(names, args)), **kwargs}
 
 
-def _should_fuse(model, spec, call, skip_logits) -> bool:
+def _should_fuse(model, spec, options, call, skip_logits) -> bool:
     """Training mode + labels: fused. Eval mode: stock (with logits), whatever the grad mode. Trainer's
     `skip_logits` (eval with prediction_loss_only) forces either way."""
     if call.get("labels") is None and call.get("shift_labels") is None:
@@ -98,19 +99,20 @@ def _should_fuse(model, spec, call, skip_logits) -> bool:
     elif not model.training:
         return False  # eval: metrics need the logits, stock path
     reason = adapters.unsupported_reason(model.get_output_embeddings())
-    if reason is None:
-        reason = _unproven_multimodal(model, spec, call)
+    if reason is None and not options.force:
+        reason = _unproven_multimodal(model, call)
     if reason:
         warnings.warn(f"hf_fusedce: {reason}; using the stock (materialized logits) loss", stacklevel=4)
         return False
     return True
 
 
-def _unproven_multimodal(model, spec, call) -> str | None:
-    if not any(call.get(k) is not None for k in MULTIMODAL_INPUTS) or model_type_of(model) in MULTIMODAL_PROVEN:
+def _unproven_multimodal(model, call) -> str | None:
+    given = [k for k, v in call.items() if v is not None and any(w in k for w in MULTIMODAL_INPUTS)]
+    if not given or model_type_of(model) in MULTIMODAL_PROVEN:
         return None
-    return (f"{type(model).__name__} was given multimodal inputs, and its fused loss is proven on text batches "
-            f"only (see model_cards/)")
+    return (f"{type(model).__name__} was given {', '.join(given)}: its fused loss is proven on text batches only "
+            "(patch with force=True to fuse them anyway)")
 
 
 def _capture(model, head, original, call):

@@ -110,7 +110,7 @@ REFUSED: dict[str, str] = {
 
 # Multimodal *ForConditionalGeneration types of the causal-LM mapping whose fused loss is proven on an image batch
 # (hf_fusedce.hf.proof.prove_multimodal). The others fuse text batches only; given images they run stock.
-MULTIMODAL_PROVEN: frozenset[str] = frozenset()
+MULTIMODAL_PROVEN: frozenset[str] = frozenset({"gemma3"})
 
 
 def resolve(model, path: str):

@@ -82,6 +82,7 @@ def _spec(model, force: bool) -> HeadSpec:
         warnings.warn(f"hf_fusedce: {type(model).__name__} forced ({why_class})", stacklevel=3)
         return spec or PLAIN
     if spec is not None:
+        _warn_if_unproven(model_type)
         return spec
     why = REFUSED.get(model_type, "its head is not in hf_fusedce's quirk table (unproven)")
     if not force:
@@ -92,8 +93,18 @@ def _spec(model, force: bool) -> HeadSpec:
     return PLAIN
 
 
-def _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits) -> FusedOptions:
-    return FusedOptions(backend, chunk_budget_bytes, float(z_loss), float(label_smoothing), bool(return_logits))
+def _warn_if_unproven(model_type: str) -> None:
+    from .proof import recorded_result
+    rec = recorded_result(model_type)
+    if rec is not None and rec["status"] in ("failed", "skipped"):
+        warnings.warn(f"hf_fusedce: model_type {model_type!r} is in the quirk table but its proof {rec['status']} "
+                      f"(transformers {rec['transformers']}): {rec['reason'][:200]}. Check your model against stock "
+                      f"with `hf-fusedce check --model PATH` before training.", stacklevel=4)
+
+
+def _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force=False) -> FusedOptions:
+    return FusedOptions(backend, chunk_budget_bytes, float(z_loss), float(label_smoothing), bool(return_logits),
+                        bool(force))
 
 
 class PatchedForward:
@@ -166,7 +177,7 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
     (z_loss and label_smoothing change the loss from stock: off by default). return_logits: also return
     (detached) logits in training. force: patch a model type the quirk table does not know, as a plain head.
     """
-    options = _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits)
+    options = _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force)
     if model is None:
         _patch_classes(options)
         return None

@@ -8,11 +8,14 @@ loss and every parameter gradient to the stock ones by relative error (float32, 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from .heads import HEADS, REFUSED
+from .heads import HEADS, REFUSED, resolve
 
 TOL = 1e-5
 TOL64 = TOL  # float64 model weights (the op still accumulates its loss in float32)
@@ -54,6 +57,24 @@ QUIRK_VALUES = {"logits_scaling": 2.5, "lm_head_multiplier": 0.7, "logit_scale":
 # number: head_dim**-0.5, topk(k=None), torch.empty(None, ...)), unlike sliding_window=None (= off).
 _NONE_IS_UNSET = ("head_dim", "n_group", "topk_group", "num_experts_per_tok", "n_routed_experts", "n_shared_experts")
 _NO_DROPOUT = ("dropout", "dropout_rate", "dropout_prob", "_pdrop", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+# The committed proof of every family (written by `python -m hf_fusedce.cards --refresh`), shipped with the package.
+RESULTS_PATH = Path(__file__).resolve().parent.parent / "data" / "proof_results.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _recorded() -> dict:
+    try:
+        doc = json.loads(RESULTS_PATH.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {r["model_type"]: {**r, "transformers": doc.get("transformers")} for r in doc.get("results", [])}
+
+
+def recorded_result(model_type: str) -> dict | None:
+    """This family's entry of the committed proof (status, reason, transformers version), or None."""
+    return _recorded().get(model_type)
 
 
 class StockFailed(Exception):
@@ -126,7 +147,7 @@ def _shrunk_kwargs(defaults: dict, config_cls=None) -> dict:
             kw[key] = SIZES[key]
         elif key in SIZES and isinstance(value, int) and value > SIZES[key]:
             kw[key] = SIZES[key]
-        elif key in QUIRK_VALUES and value is not None and not isinstance(value, (dict, list)):
+        elif key in QUIRK_VALUES and not isinstance(value, (dict, list)):  # also when its default is None (off)
             kw[key] = QUIRK_VALUES[key]
         elif key == "output_router_logits":
             kw[key] = True
@@ -222,15 +243,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=FLOOR))
 
 
-def compare(model, ids, labels, tol: float = TOL, **kw) -> float:
-    """Patched vs stock on one batch: returns max relative error, raises AssertionError on a mismatch."""
+def compare(model, ids, labels, tol: float = TOL, patch_options: dict | None = None, **kw) -> float:
+    """Patched vs stock on one batch (`kw`: more model inputs): returns max relative error, raises
+    AssertionError on a mismatch."""
     from . import patching
     kw.setdefault("use_cache", False)  # training: no cache (hybrid caches also reject tiny layer mixes)
     try:
         stock_out, stock = _loss_and_grads(model, ids, labels, **kw)
     except Exception as err:  # noqa: BLE001
         raise StockFailed(f"stock forward fails on the tiny model: {type(err).__name__}: {err}") from err
-    with patching.patched(model, backend="torch"):
+    with patching.patched(model, backend="torch", **(patch_options or {})):
         out, ours = _loss_and_grads(model, ids, labels, **kw)
     assert out.logits is None, "the fused path did not run (the patched training forward returned logits)"
     errs = [rel_err(out.loss, stock_out.loss)]
@@ -269,11 +291,19 @@ def prove(model_type: str) -> ProofResult:
             seen.add(variant)
             ids, labels = batch(model)
             res.max_rel_err = max(res.max_rel_err, compare(model, ids, labels))
-            if len(seen) == 1:  # num_items_in_batch once per family (the loss head is the same tied or not)
+            if len(seen) == 1:  # once per family (the loss head is the same tied or not)
+                unexercised = _unexercised_quirks(model, HEADS[model_type])
+                if unexercised:
+                    res.status, res.reason = "failed", f"quirk not exercised by the tiny config: {unexercised}"
+                    return res
                 n_items = torch.tensor(int((labels[:, 1:] != -100).sum()) + 3)  # as from a larger accumulated batch
                 res.max_rel_err = max(res.max_rel_err, compare(model, ids, labels, num_items_in_batch=n_items))
+                res.max_rel_err = max(res.max_rel_err, _compare_padded(model, ids, labels, res))
             res.variants.append(variant)
             res.n_params = sum(p.numel() for p in model.parameters())
+        if model_type in MULTIMODAL_BATCHES:
+            res.max_rel_err = max(res.max_rel_err, prove_multimodal(model_type))
+            res.variants.append("image")
     except StockFailed as err:
         res.status, res.reason = ("skipped", str(err)[:300]) if not res.variants else (res.status, res.reason)
     except AssertionError as err:
@@ -282,6 +312,71 @@ def prove(model_type: str) -> ProofResult:
         res.status, res.reason = "failed", f"{type(err).__name__}: {err}"[:300]
     res.seconds = round(time.perf_counter() - start, 2)
     return res
+
+
+def _unexercised_quirks(model, spec) -> dict:
+    """Quirks of the table entry whose value on the tiny model is trivial (None, 0, or a factor of 1): the proof
+    would not test them. Every quirk must be forced to a non-trivial value (QUIRK_VALUES)."""
+    trivial = {}
+    for field in ("softcap", "logit_mul", "logit_div", "z_loss", "router_aux", "vocab_slice"):
+        path = getattr(spec, field)
+        if path is None:
+            continue
+        value = resolve(model, path)
+        if value is None or value == 0 or (field in ("logit_mul", "logit_div") and value == 1):
+            trivial[field] = value
+    if spec.router_aux and not getattr(model.config.get_text_config(), "output_router_logits", False) \
+            and not getattr(model.config, "output_router_logits", False):
+        trivial["output_router_logits"] = False
+    return trivial
+
+
+def padded_batch(ids, labels):
+    """The same batch right-padded: row 1 ends with 3 pad positions (attention_mask 0, labels ignored), row 0
+    starts with 2 (left padding)."""
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    mask[0, :2] = 0
+    return labels.masked_fill(mask == 0, -100), mask
+
+
+def _compare_padded(model, ids, labels, res: ProofResult) -> float:
+    padded_labels, mask = padded_batch(ids, labels)
+    try:
+        err = compare(model, ids, padded_labels, attention_mask=mask)
+    except StockFailed as err:  # the family's forward takes no attention_mask (e.g. recurrent models)
+        res.reason = f"padded batch not proven: {err}"[:300]
+        return 0.0
+    res.variants.append("padded")
+    return err
+
+
+# Multimodal *ForConditionalGeneration types proven on an image batch: model_type -> (config edit, batch).
+def _gemma3_config(config):
+    config.mm_tokens_per_image = 4  # the 4x4 patches of a 32-pixel image pooled to 2x2 image tokens
+
+
+def _gemma3_batch(model, ids, labels):
+    image = model.config.image_token_id
+    ids, labels = ids.clone(), labels.clone()
+    ids[:, 2:6] = image  # one image (4 tokens) per row
+    labels[:, 2:6] = -100
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(ids.shape[0], 3, size, size, generator=torch.Generator().manual_seed(2))
+    return ids, labels, {"pixel_values": pixels, "token_type_ids": (ids == image).long()}
+
+
+MULTIMODAL_BATCHES = {"gemma3": (_gemma3_config, _gemma3_batch)}
+
+
+def prove_multimodal(model_type: str) -> float:
+    """Patched (forced: image inputs are fused only for proven types) vs stock on an image + text batch."""
+    edit, make = MULTIMODAL_BATCHES[model_type]
+    config = tiny_config(model_type)
+    edit(config)
+    model = build(model_type, config=config)
+    ids, labels, extra = make(model, *batch(model))
+    return compare(model, ids, labels, patch_options={"force": True}, **extra)
 
 
 def _retry_float64(res: ProofResult, model_type: str, float32_error: str) -> None:
@@ -347,6 +442,6 @@ def generate_equal(model_type: str, new_tokens: int = 6) -> bool:
     kw = dict(max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(ids[:, :4]),
               pad_token_id=0)
     stock = model.generate(ids[:, :4], **kw)
-    with patching.patched(model, backend="torch"):
+    with patching.patched(model, backend="torch", **(patch_options or {})):
         ours = model.generate(ids[:, :4], **kw)
     return torch.equal(stock, ours)

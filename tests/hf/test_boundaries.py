@@ -162,3 +162,55 @@ def test_accelerate_offloaded_head_is_called_through_its_hooks(how, order, tmp_p
     hf_fusedce.unpatch(model)
     assert rel_err(model(inputs_embeds=torch.nn.functional.embedding(data()[0], embed_weight),
                          labels=data()[1]).loss, s_loss) <= TOL  # unpatched: accelerate's hooks still in place
+
+
+# ---- point 7: the proof's reach ---------------------------------------------------------------------------------
+
+def _gemma3_image_batch():
+    from hf_fusedce.hf import proof
+    config = proof.tiny_config("gemma3")
+    proof._gemma3_config(config)
+    model = proof.build("gemma3", config=config)
+    ids, labels, extra = proof._gemma3_batch(model, *proof.batch(model))
+    return model, ids, labels, extra
+
+
+def test_image_inputs_of_a_type_proven_on_text_only_run_stock_with_a_warning(monkeypatch):
+    from hf_fusedce.hf import forward
+    model, ids, labels, extra = _gemma3_image_batch()
+    stock = model(input_ids=ids, labels=labels, **extra)
+    monkeypatch.setattr(forward, "MULTIMODAL_PROVEN", frozenset())  # as for gemma4, got_ocr2, ...
+    hf_fusedce.patch(model, backend="torch")
+    with pytest.warns(UserWarning, match="given pixel_values.*proven on text batches only"):
+        out = model(input_ids=ids, labels=labels, **extra)
+    assert out.logits is not None and torch.equal(out.loss, stock.loss)
+    assert model(input_ids=ids, labels=labels).logits is None  # text batches stay fused
+
+
+def test_image_inputs_of_a_proven_type_are_fused():
+    model, ids, labels, extra = _gemma3_image_batch()
+    stock = model(input_ids=ids, labels=labels, **extra).loss
+    hf_fusedce.patch(model, backend="torch")
+    out = model(input_ids=ids, labels=labels, **extra)
+    assert out.logits is None and rel_err(out.loss, stock) <= TOL
+
+
+def test_quirks_are_forced_even_when_their_default_is_none():
+    from hf_fusedce.hf import proof
+    from hf_fusedce.hf.heads import HeadSpec
+    assert proof.tiny_config("gemma3").get_text_config().final_logit_softcapping == proof.QUIRK_VALUES[
+        "final_logit_softcapping"]  # gemma3's default is None: the soft cap was never proven before
+    model = tiny_llama()
+    assert proof._unexercised_quirks(model, HeadSpec(softcap="config.pad_token_id")) == {
+        "softcap": None}
+
+
+def test_a_type_whose_proof_failed_warns_on_patch():
+    from hf_fusedce.hf import proof
+    failed = [t for t in proof._recorded() if proof.recorded_result(t)["status"] in ("failed", "skipped")
+              and t in hf_fusedce.supported_model_types()]
+    assert failed, "no failed or skipped type in the committed proof: nothing to check"
+    model = tiny_llama()
+    model.config.model_type = failed[0]
+    with pytest.warns(UserWarning, match=f"{failed[0]}.*proof (failed|skipped)"):
+        hf_fusedce.patch(model)

@@ -4,7 +4,7 @@ Families the proof cannot build are skipped with the reason (listed by test_skip
 import pytest
 
 from hf_fusedce.hf import proof
-from hf_fusedce.hf.heads import HEADS, REFUSED
+from hf_fusedce.hf.heads import HEADS, MULTIMODAL_PROVEN, REFUSED
 
 TYPES = sorted(proof.causal_lm_types())
 MUST_PROVE = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
@@ -27,6 +27,13 @@ def test_family(model_type):
         pytest.xfail(KNOWN_NUMERICS[model_type])
     assert res.status == "proven", res.reason
     assert res.variants
+    assert "padded" in res.variants or "padded batch not proven" in res.reason  # attention_mask, padding
+    if model_type in MULTIMODAL_PROVEN:
+        assert "image" in res.variants
+
+
+def test_multimodal_types_fused_with_images_are_those_proven_with_images():
+    assert set(proof.MULTIMODAL_BATCHES) == set(MULTIMODAL_PROVEN)
 
 
 def test_every_mapping_type_is_in_the_table_or_refused():
