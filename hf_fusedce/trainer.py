@@ -14,6 +14,7 @@ from __future__ import annotations
 from transformers import Trainer
 
 from .callback import METRIC_KEYS, FusedCEConfig, FusedCEMemoryCallback
+from .integrations import liger
 
 __all__ = ["FusedCETrainer", "FusedCEConfig", "METRIC_KEYS"]
 
@@ -31,10 +32,7 @@ class FusedCETrainer(Trainer):
             self._fce_patch(model)
         super().__init__(*args, **kwargs)
         self.fusedce_callback.attach(self)
-        # Liger: refused while hf_fusedce patches (the composition belongs in integrations/liger.py).
-        if self.fusedce_config.enabled and getattr(self.args, "use_liger_kernel", False):
-            raise ValueError("FusedCETrainer: use_liger_kernel=True would replace the fused forward with Liger's; "
-                             "use one of them (or FusedCEConfig(enabled=False) to keep Liger).")
+        liger.compose_trainer(self)  # use_liger_kernel: Liger's layer kernels stay, its head kernels go off
 
     def _fce_patch(self, model):
         if not self.fusedce_config.enabled:

@@ -63,6 +63,14 @@ def compose(model, **patch_options) -> bool:
     return False
 
 
+def compose_trainer(trainer) -> None:
+    """FusedCETrainer with `use_liger_kernel=True`: Trainer applies Liger when training starts, through the
+    `apply_liger_kernel_to_*` functions wrapped here (head kernels off for the patched model)."""
+    config = trainer.fusedce_config
+    if config.enabled and getattr(trainer.args, "use_liger_kernel", False):
+        activate(trainer.model, **config.patch_options)
+
+
 def _info(name: str) -> None:
     if not _STATE["info_logged"]:
         _STATE["info_logged"] = True
@@ -72,17 +80,17 @@ def _info(name: str) -> None:
 
 def _wrap_apply_functions(module) -> None:
     table = getattr(module, "MODEL_TYPE_TO_APPLY_LIGER_FN", {})
-    wrapped = {}
+    wrapped = {}  # id(original) -> wrapper
     for name, fn in list(vars(module).items()):
         if name.startswith("apply_liger_kernel_to_") and callable(fn) and not getattr(fn, "__hf_fusedce__", False):
-            wrapped[fn] = _composing(fn)
-            setattr(module, name, wrapped[fn])
+            wrapped[id(fn)] = _composing(fn)
+            setattr(module, name, wrapped[id(fn)])
     for key, fn in list(table.items()):
-        table[key] = wrapped.get(fn, fn)
+        table[key] = wrapped.get(id(fn), fn)
     package = sys.modules.get("liger_kernel.transformers")  # already bound the names when imported first
     for name, fn in list(vars(package).items()) if package is not None else ():
-        if fn in wrapped:
-            setattr(package, name, wrapped[fn])
+        if id(fn) in wrapped:
+            setattr(package, name, wrapped[id(fn)])
 
 
 def _composing(apply_fn):

@@ -252,11 +252,3 @@ def test_model_init_is_patched(tmp_path):
                        data_collator=_collate)
     t.train()
     assert is_patched(t.model) and len(_losses(t)) == 2
-
-
-def test_liger_and_fused_together_is_refused(tmp_path):
-    from hf_fusedce import FusedCETrainer
-
-    with pytest.raises(ValueError, match="use_liger_kernel"):
-        FusedCETrainer(model=_tiny_model(), args=_args(tmp_path, "liger", max_steps=1, use_liger_kernel=True),
-                       train_dataset=_dataset(4), data_collator=_collate)
