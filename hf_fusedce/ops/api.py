@@ -7,7 +7,7 @@ import torch
 
 from . import torch_impl
 from .autograd import DW_ACCUMULATION, FusedLinearCrossEntropyFn, Plan
-from .chunking import default_budget_bytes
+from .chunking import ENV_BUDGET_MB, default_budget_bytes
 from .spec import LossSpec, RowInputs
 
 BACKENDS = ("auto", "triton", "torch")
@@ -183,8 +183,20 @@ def _plan(spec, backend, hidden, weight, budget, dw_accumulation="auto") -> Plan
     else:
         compute_dtype = weight.dtype
     impl = _resolve_backend(backend, device)
-    return Plan(spec, impl.ce_rows, impl.working_bytes_per_logit, compute_dtype,
-                budget if budget is not None else default_budget_bytes(device), dw_accumulation=dw_accumulation)
+    if budget is None:
+        budget = _default_budget(device, hidden, weight, compute_dtype, dw_accumulation)
+    return Plan(spec, impl.ce_rows, impl.working_bytes_per_logit, compute_dtype, budget,
+                dw_accumulation=dw_accumulation)
+
+
+def _default_budget(device, hidden, weight, compute_dtype, dw_accumulation) -> int:
+    """CUDA, low precision, no env override: the roofline model's pick for this shape (ops/cost_model.py);
+    otherwise the per-device default."""
+    if device.type != "cuda" or os.environ.get(ENV_BUDGET_MB) or compute_dtype not in (torch.bfloat16, torch.float16):
+        return default_budget_bytes(device)
+    from .cost_model import choose_budget
+    n = hidden.numel() // max(1, hidden.shape[-1])
+    return choose_budget(n, weight.shape[1], weight.shape[0], compute_dtype, dw_accumulation=dw_accumulation)
 
 
 def triton_available(device: torch.device) -> bool:
