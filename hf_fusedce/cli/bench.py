@@ -61,12 +61,15 @@ def register(subparsers):
                    help="where to profile (default CUDA llama3-8b:8192 bf16; CPU the first shape and N)")
     g.add_argument("--profile-impl", default=None, help="impl to profile (default ours-triton on CUDA, else ours-torch)")
     g = p.add_argument_group("distillation (--op distill: ours vs TRL's chunked divergence vs materialized)")
-    g.add_argument("--op", choices=("ce", "distill"), default="ce",
+    g.add_argument("--op", choices=("ce", "distill", "tp"), default="ce",
                    help="ce: the cross-entropy head (default); distill: fused_linear_distillation (default N 4096, "
-                        "shape 512x32000, fp32)")
+                        "shape 512x32000, fp32); tp: the vocab-parallel head on CPU gloo ranks (see --tp)")
     g.add_argument("--beta", default="0.0", help="--op distill: comma list of beta (0 KL(t||s), 1 KL(s||t))")
     g.add_argument("--temperature", type=float, default=1.0, help="--op distill: temperature")
     g.add_argument("--teacher-dim", type=int, default=None, help="--op distill: teacher hidden size (default D)")
+    g = p.add_argument_group("tensor parallel (--op tp: vocab-parallel head, one gloo process per rank, CPU)")
+    g.add_argument("--tp", default="1,2,4", help="--op tp: comma list of tensor-parallel sizes (default 1,2,4)")
+    g.add_argument("--tp-threads", type=int, default=1, help="--op tp: torch threads per rank (default 1)")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="only rewrite results.md and results.png from an existing results.json")
     p.set_defaults(func=run)
@@ -110,7 +113,8 @@ def _command_line(args) -> list[str]:
     for k, v in sorted(vars(args).items()):
         if k in ("func", "command") or v in (None, False) or (k == "max_seconds" and v == 3.0) or \
                 (k == "ref" and v == "min") or (k == "seed" and v == 0) or (k == "e2e_repeats" and v == 3) or \
-                (k == "op" and v == "ce") or (k == "beta" and v == "0.0") or (k == "temperature" and v == 1.0):
+                (k == "op" and v == "ce") or (k == "beta" and v == "0.0") or (k == "temperature" and v == 1.0) or \
+                (k == "tp" and v == "1,2,4") or (k == "tp_threads" and v == 1):
             continue
         flag = "--" + k.replace("_", "-")
         if v is True:
@@ -162,6 +166,10 @@ def run(args) -> int:
         from hf_fusedce.bench.distill import run as run_distill
 
         return run_distill(args, device, _command_line(args))
+    if args.op == "tp":
+        from hf_fusedce.bench.tp import run as run_tp
+
+        return run_tp(args, device, _command_line(args))
     cuda = device.type == "cuda"
     cfg = BenchConfig(warmup=args.warmup if args.warmup is not None else (2 if cuda else 1),
                       repeats=args.repeats if args.repeats is not None else (10 if cuda else 3),

@@ -98,3 +98,26 @@ def test_fsdp2_x_tp_mesh_matches_stock(ranks):
         assert len(got["grad_errs"]) >= 20
         for name, err in got["grad_errs"].items():
             assert err is not None and err <= RTOL, f"{where} grad {name}: rel err {err}"
+
+
+@pytest.mark.slow
+def test_bench_tp_mode_writes_per_rank_records(tmp_path):
+    """`hf-fusedce bench --op tp` at a tiny shape: one record per rank, slices tiling V, dh's N x D all-reduced."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(HERE))
+    cmd = [sys.executable, "-m", "hf_fusedce.cli.main", "bench", "--op", "tp", "--device", "cpu", "--n", "64",
+           "--shapes", "32x1000", "--tp", "1,2", "--repeats", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.load(open(tmp_path / "results.json"))
+    recs = doc["records"]
+    assert [(r["tp"], r["rank"]) for r in recs] == [(1, 0), (2, 0), (2, 1)]
+    assert sum(r["rows"] for r in recs if r["tp"] == 2) == 1000
+    for r in recs:
+        assert r["fwd_bwd_s"] > 0 and r["peak_bytes"] > 0
+        assert r["allreduce_bytes"] >= 64 * 32 * 4  # at least dh, N x D fp32
+    assert "single_device_fwd_bwd_s" in recs[0]
+    assert (tmp_path / "results.md").read_text().startswith("# hf-fusedce bench --op tp")
