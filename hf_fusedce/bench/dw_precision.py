@@ -4,8 +4,11 @@ One logits gradient g (N x V, from the op's own torch row function, in the weigh
 g^T h computed four ways and compared with float64 on the same inputs by relative error:
   stock:   one GEMM over all N rows (fp32 accumulation inside, one rounding), what materialized logits give;
   native:  the chunk loop's accumulation in the weight's dtype (`dw_accumulation="native"`), c chunks;
-  fp32:    the chunk loop's fp32 accumulator, cast once at the end (`dw_accumulation="fp32"`), c chunks.
-Both chunked variants run the loop's own `_accumulate_dw` / `_finish`.
+  fp32:    the chunk loop's fp32 accumulator, cast once at the end (`dw_accumulation="fp32"`), c chunks; on CPU
+           each chunk's GEMM output is rounded to the weight's dtype first (no mixed-dtype GEMM here);
+  fp32 (CUDA): the same with each chunk's product kept in fp32, as CUDA's mixed-dtype addmm does (emulated by
+           an fp32 GEMM of the same low-precision inputs; not run on a GPU).
+The chunked CPU variants run the loop's own `_accumulate_dw` / `_finish`.
 
     python -m hf_fusedce.bench.dw_precision [--out DIR]   (writes results.json and results.md)
 """
@@ -53,19 +56,23 @@ def measure(n=8192, d=256, v=2048, dtype=torch.bfloat16, chunks=CHUNKS) -> dict:
     for c in chunks:
         native = rel_err(_chunked(g, h, c, dtype, dtype), exact)
         fp32 = rel_err(_chunked(g, h, c, torch.float32, dtype), exact)
-        rows.append({"chunks": c, "native": native, "fp32": fp32, "native_over_stock": native / stock})
+        fp32_cuda = rel_err(_chunked(g.float(), h.float(), c, torch.float32, dtype), exact)
+        rows.append({"chunks": c, "native": native, "fp32": fp32, "fp32_cuda": fp32_cuda,
+                     "native_over_stock": native / stock})
     return {"n": n, "d": d, "v": v, "dtype": str(dtype).removeprefix("torch."), "stock": stock, "rows": rows}
 
 
 def to_markdown(results: list[dict], meta: dict) -> str:
     lines = [f"dW relative error vs float64 (same g and h), {meta['device']}, torch {meta['torch']}, "
              f"{meta['date']}", "",
-             "| dtype | N x D x V | chunks | stock (1 GEMM) | native | fp32 accumulator | native / stock |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| dtype | N x D x V | chunks | stock (1 GEMM) | native | fp32 acc (CPU) | fp32 acc (CUDA, emulated) "
+             "| native / stock |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         for row in r["rows"]:
             lines.append(f"| {r['dtype']} | {r['n']} x {r['d']} x {r['v']} | {row['chunks']} | {r['stock']:.2e} | "
-                         f"{row['native']:.2e} | {row['fp32']:.2e} | {row['native_over_stock']:.2f} |")
+                         f"{row['native']:.2e} | {row['fp32']:.2e} | {row['fp32_cuda']:.2e} | "
+                         f"{row['native_over_stock']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -76,6 +76,8 @@ def _ours_strategy(backend: str):
         from hf_fusedce.ops.chunking import ENV_BUDGET_MB, default_budget_bytes
 
         src = f"env {ENV_BUDGET_MB}" if os.environ.get(ENV_BUDGET_MB) else "default"
+        if device.type == "cuda" and src == "default":
+            return f"chunked, grads in forward, backend={backend}, chunk budget: roofline pick per shape"
         return (f"chunked, grads in forward, backend={backend}, "
                 f"chunk budget {default_budget_bytes(device) / 2**20:g} MiB ({src})")
 
@@ -147,6 +149,21 @@ def _cce(exact: bool):
     return resolve
 
 
+# ---------------------------------------------------------------- TRL's fused head (trl.kernels)
+def _trl(device):
+    from trl.kernels import ChunkedLogProbFunction
+
+    def fwd(h, w, y):
+        keep = y != -100  # TRL's trainers drop ignored rows before calling it
+        logprobs = ChunkedLogProbFunction.apply(h[keep], w, None, y[keep], 1.0, TRL_VOCAB_CHUNK, None, 1.0, ())[0]
+        return -logprobs.sum() / keep.sum().clamp(min=1)
+
+    return fwd
+
+
+TRL_VOCAB_CHUNK = 32768  # the vocabulary tile of TRL 1.16's CPU path (4096 tokens x 32768)
+
+
 # ---------------------------------------------------------------- the floor: three GEMMs, nothing else
 class _ThreeGemms(torch.autograd.Function):
     """z = h W^T (forward); dh = z W and dW = z^T h (backward), with z standing in for dL/dz.
@@ -192,6 +209,8 @@ def _registry() -> dict[str, Impl]:
              True, _liger(True)),
         Impl("cce", "peer", "Apple cut-cross-entropy, default (gradient filtering: approximate)", False, _cce(False)),
         Impl("cce-exact", "peer", "Apple cut-cross-entropy, no gradient filtering (exact)", True, _cce(True)),
+        Impl("trl-chunked", "peer", f"TRL trl.kernels.ChunkedLogProbFunction (vocab tiles of {TRL_VOCAB_CHUNK}; "
+             "recompute in backward, fp32 dW)", True, _trl),
         Impl("floor", "floor", "the three GEMMs alone: z=hW^T, dh=zW, dW=z^T h (timing floor; no loss)",
              True, _floor),
     ]

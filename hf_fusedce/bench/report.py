@@ -5,6 +5,8 @@ import json
 import os
 from collections import defaultdict
 
+import torch
+
 SCHEMA = "hf_fusedce.bench/1"
 JSON_NAME, MD_NAME, PNG_NAME = "results.json", "results.md", "results.png"
 _MiB = 2**20
@@ -54,7 +56,9 @@ def annotate(records: list[dict]):
             continue
         r["tflops_6ndv"] = 6.0 * r["N"] * r["D"] * r["V"] / (r["fwd_bwd_ms"] * 1e-3) / 1e12
         f = floors.get((r["dtype"], r["shape"], r["N"]))
-        r["x_floor"] = r["fwd_bwd_ms"] / f if f else None
+        r["x_3gemm"] = r["fwd_bwd_ms"] / f if f else None
+        rate = r.get("gemm_tflops")  # 6*N*D*V at the GEMM rate measured in the same run: the true floor
+        r["x_floor"] = r["tflops_6ndv"] and rate / r["tflops_6ndv"] if rate else None
 
 
 def _mib(x):
@@ -67,6 +71,24 @@ def _err(x):
 
 def _num(x, fmt):
     return "" if x is None else format(x, fmt)
+
+
+def _rates_and_model(rs, d, v) -> list[str]:
+    """The measured GEMM rate per N, and the roofline model's bf16 H100 / A100 time of ours at each N."""
+    from hf_fusedce.ops import cost_model
+
+    out = []
+    for n in sorted({r["N"] for r in rs}):
+        rate = next((r.get("gemm_tflops") for r in rs if r["N"] == n and r.get("gemm_tflops")), None)
+        if rate:
+            out.append(f"- N={n}: one N x D x V GEMM measured at {rate:.3g} TFLOP/s in this run; floor "
+                       f"6*N*D*V at that rate = {6 * n * d * v / rate / 1e9:.1f} ms")
+        est = {g.name: cost_model.estimate(n, d, v, torch.bfloat16, cost_model.choose_budget(
+            n, d, v, torch.bfloat16, g), g) for g in (cost_model.H100, cost_model.A100)}
+        out.append(f"- N={n}, model estimate (bf16, default budget, never run): " + "; ".join(
+            f"{k} {e.seconds * 1e3:.1f} ms = {e.x_floor:.2f}x its floor, overhead {e.overhead_bytes / _MiB:,.0f} MiB"
+            for k, e in est.items()))
+    return out + [""]
 
 
 def write_markdown(doc: dict, out_dir: str) -> str:
@@ -83,7 +105,9 @@ def write_markdown(doc: dict, out_dir: str) -> str:
         f"- command: `{' '.join(doc.get('command', []))}`",
         "",
         "Time: forward+backward, median of the repeats (CUDA events on GPU, perf_counter on CPU). "
-        "x floor: time over the three bare GEMMs' time at the same shape. TFLOP/s counts 6*N*D*V. "
+        "x floor: time over 6*N*D*V FLOPs at the rate of one N x D x V GEMM measured in the same run (the floor "
+        "of any exact head); x 3-GEMM: time over the three bare, unchunked GEMMs' time. TFLOP/s counts 6*N*D*V. "
+        "Roofline lines are a model (hf_fusedce/ops/cost_model.py), never run on a GPU. "
         "Memory: peak allocated above the inputs (hidden, weight, targets); 'above grads' subtracts the "
         "hidden and weight gradients every implementation returns. Errors: max|x - ref| / max|ref| against a "
         "float64 chunked reference on the same inputs (blank where not computed).",
@@ -95,9 +119,9 @@ def write_markdown(doc: dict, out_dir: str) -> str:
             groups[(r["dtype"], r["shape"], r["D"], r["V"])].append(r)
     for (dtype, shape, d, v), rs in groups.items():
         lines += [f"## {shape} (D={d}, V={v}), {dtype}", "",
-                  "| N | impl | fwd+bwd ms | x floor | TFLOP/s | peak above inputs MiB | above inputs+grads MiB "
-                  "| loss err | dh err | dW err | status |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| N | impl | fwd+bwd ms | x floor | x 3-GEMM | TFLOP/s | peak above inputs MiB "
+                  "| above inputs+grads MiB | loss err | dh err | dW err | status |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         skipped = {}
         for r in rs:
             if str(r.get("status", "")).startswith("skipped"):
@@ -105,10 +129,10 @@ def write_markdown(doc: dict, out_dir: str) -> str:
                 continue
             lines.append(
                 f"| {r['N']} | {r['impl']} | {_num(r.get('fwd_bwd_ms'), '.2f')} | {_num(r.get('x_floor'), '.2f')} "
-                f"| {_num(r.get('tflops_6ndv'), '.3g')} | {_mib(r.get('peak_mem_bytes'))} "
+                f"| {_num(r.get('x_3gemm'), '.2f')} | {_num(r.get('tflops_6ndv'), '.3g')} | {_mib(r.get('peak_mem_bytes'))} "
                 f"| {_mib(r.get('peak_above_grads_bytes'))} | {_err(r.get('loss_rel_err'))} "
                 f"| {_err(r.get('dh_rel_err'))} | {_err(r.get('dw_rel_err'))} | {r.get('status')} |")
-        lines.append("")
+        lines += [""] + _rates_and_model(rs, d, v)
         if skipped:
             lines += ["Not measured: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()), ""]
     e2e = [r for r in recs if r.get("record") == "e2e"]

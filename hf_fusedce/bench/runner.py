@@ -215,6 +215,7 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                     for impl in impls:
                         sink({**base, **_impl_fields(impl, device), "status": f"{status} (creating inputs)"})
                     continue
+                base["gemm_tflops"] = gemm_rate(h, w, mode, device)
                 ref = None
                 if n in ref_ns and n * shape.v <= cfg.ref_max_logits:
                     try:
@@ -238,6 +239,22 @@ def run_matrix(shapes, ns, modes, impls, device, cfg: BenchConfig, sink, explici
                     sink(rec)
                 del h, w, y, ref
                 free_memory(device)
+
+
+def gemm_rate(h, w, mode: DtypeMode, device, repeats: int = 3) -> float:
+    """TFLOP/s of one N x D x V GEMM (z = h W^T) in the mode's compute dtype, median of `repeats`, measured in
+    this run beside the implementations: the rate behind the "x floor" column (6*N*D*V at this rate)."""
+    dt = mode.compute_dtype
+    hc, wc = h.detach().to(dt), w.detach().to(dt)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        z = hc @ wc.t()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        del z
+    return 2.0 * h.shape[0] * h.shape[1] * w.shape[0] / statistics.median(times) / 1e12
 
 
 def _impl_fields(impl: Impl, device) -> dict:
