@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 
-import datasets
 import torch
 from transformers import TrainingArguments, default_data_collator
 
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import load_model_and_tokenizer, write_result  # noqa: E402  (same directory: shared boilerplate)
 
 from hf_fusedce import FusedCEConfig, FusedCETrainer  # noqa: E402
+from hf_fusedce.demo.data import build_packed_dataset  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,34 +51,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_texts(args):
-    if args.train_file is None:  # the shipped demo conversations, as plain text
-        from hf_fusedce.demo import shipped_sft_path
-
-        ds = datasets.load_dataset("json", data_files={"train": shipped_sft_path()}, split="train")
-        return ds.map(lambda e: {"text": "\n".join(m["content"] for m in e["messages"])},
-                      remove_columns=ds.column_names), "text"
-    if args.train_file.endswith(".txt"):
-        return datasets.load_dataset("text", data_files={"train": args.train_file}, split="train"), "text"
-    return datasets.load_dataset("json", data_files={"train": args.train_file}, split="train"), args.text_field
-
-
-def pack(examples, tok, block_size, field):
-    """Tokenize, join documents with EOS, cut into full blocks; labels = input_ids (the model shifts them)."""
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    stream = [t for ids in tok(examples[field], add_special_tokens=False)["input_ids"] for t in list(ids) + eos]
-    n = len(stream) // block_size * block_size
-    blocks = [stream[i: i + block_size] for i in range(0, n, block_size)]
-    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-
-
 def main(argv=None):
     args = parse_args(argv)
     model, tok = load_model_and_tokenizer(args, max_position=max(args.block_size, 256),
                                           from_scratch=args.from_scratch, pad_to_eos=False)
-    texts, field = load_texts(args)
-    train = texts.map(pack, batched=True, batch_size=1000, remove_columns=texts.column_names,
-                      fn_kwargs={"tok": tok, "block_size": args.block_size, "field": field})
+    train = build_packed_dataset(tok, args.block_size, args.train_file, args.text_field)
     targs = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,

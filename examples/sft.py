@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 
-import datasets
 import torch
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import load_model_and_tokenizer, write_result  # noqa: E402  (same directory: shared boilerplate)
 
 from hf_fusedce import FusedCEConfig, FusedCETrainer  # noqa: E402
+from hf_fusedce.demo.data import load_sft_dataset, tokenize_chat  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,35 +54,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def template_ids(tok, messages, add_generation_prompt):
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def tokenize(example, tok, max_length, field):
-    """input_ids of the whole conversation; labels copy the assistant turns, -100 on everything else."""
-    msgs = example[field]
-    ids = template_ids(tok, msgs, False)
-    labels = [-100] * len(ids)
-    for k, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            start = len(template_ids(tok, msgs[:k], True))
-            end = len(template_ids(tok, msgs[: k + 1], False))
-            labels[start:end] = ids[start:end]
-    return {"input_ids": ids[:max_length], "attention_mask": [1] * min(len(ids), max_length),
-            "labels": labels[:max_length]}
-
-
 def load_split(path, tok, args):
-    if path is None:
-        from hf_fusedce.demo import shipped_sft_path
-
-        path = shipped_sft_path()
-    ds = datasets.load_dataset("json", data_files={"train": path}, split="train")
+    """The chat records at `path` (the shipped demo SFT data by default), tokenized with labels on the
+    assistant turns only (hf_fusedce.demo.data.tokenize_chat)."""
+    ds = load_sft_dataset(path)
     if args.max_train_samples:
         ds = ds.select(range(min(args.max_train_samples, len(ds))))
-    ds = ds.map(tokenize, fn_kwargs={"tok": tok, "max_length": args.max_length, "field": args.messages_field},
-                remove_columns=ds.column_names)
+    ds = ds.map(tokenize_chat, fn_kwargs={"tokenizer": tok, "max_length": args.max_length,
+                                          "messages_field": args.messages_field}, remove_columns=ds.column_names)
     return ds.filter(lambda e: any(x != -100 for x in e["labels"]))  # a truncated-away response teaches nothing
 
 

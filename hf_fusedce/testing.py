@@ -11,13 +11,13 @@ The accuracy rule follows Apple's Cut Cross-Entropy tests: compute the loss and 
 and require, elementwise, ``|ref - ours| <= k * |ref - base| + rtol * |ref| + atol * max|ref|``: we may be as
 wrong as stock PyTorch in the same dtype (times ``k``), plus a few units in the last place of that dtype.
 
-Nothing here imports transformers; tests of the HF layer may reuse it.
+Also the tiny offline models and batches the tests share (`tiny_llama`, `tiny_batch`; tests/conftest.py offers
+them as fixtures). Importing this module does not import transformers; `tiny_llama` does, when called.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,7 +28,6 @@ __all__ = [
     "Tolerance",
     "tolerance_for",
     "rel_err",
-    "max_abs_err",
     "LossAndGrads",
     "run_with_grads",
     "reference_loss_and_grads",
@@ -37,8 +36,9 @@ __all__ = [
     "compare_to_reference",
     "make_inputs",
     "triton_backend_status",
-    "available_backends",
-    "backend_device",
+    "device_under_test",
+    "tiny_llama",
+    "tiny_batch",
 ]
 
 # Units in the last place of each dtype (machine epsilon 2^-mantissa_bits).
@@ -71,18 +71,36 @@ def tolerance_for(dtype: torch.dtype, k: float = 2.0) -> Tolerance:
     return Tolerance(k, 2 * ulp, 2 * ulp)
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64 (0 when both are 0; inf when only expected is 0)."""
-    a, e = actual.detach().double(), expected.detach().double()
-    num = (a - e).norm().item()
-    den = e.norm().item()
+@torch.no_grad()
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, *, norm: str = "l2", floor: float = 0.0,
+            rows: torch.Tensor | None = None, block: int = 8192) -> float:
+    """||actual - expected|| / max(||expected||, floor) in float64; 0 when both are 0, inf when only the
+    expected is. norm: "l2" (Frobenius) or "max" (largest absolute value). rows: compare these rows of `actual`
+    with `expected` (which holds only them). Computed by blocks of rows, so no float64 copy of a large tensor
+    is made; `actual` is moved to `expected`'s device block by block."""
+    if norm not in ("l2", "max"):
+        raise ValueError(f"norm must be 'l2' or 'max', got {norm!r}")
+    a, e = actual.detach(), expected.detach()
+    if rows is not None:
+        a = a.index_select(0, rows.to(a.device))
+    if a.numel() != e.numel():
+        raise ValueError(f"sizes differ: {tuple(a.shape)} vs {tuple(e.shape)}")
+    e = e.reshape(-1, 1) if e.dim() < 2 else e
+    a = a.reshape(e.shape)
+    err = torch.zeros((), dtype=torch.float64, device=e.device)
+    scale = torch.zeros((), dtype=torch.float64, device=e.device)
+    for s in range(0, e.shape[0], block):
+        ref = e[s:s + block].double()
+        diff = a[s:s + block].to(device=e.device, dtype=torch.float64) - ref
+        if norm == "max":
+            err, scale = torch.maximum(err, diff.abs().amax()), torch.maximum(scale, ref.abs().amax())
+        else:
+            err, scale = err + diff.square().sum(), scale + ref.square().sum()
+    num, den = (err.item(), scale.item()) if norm == "max" else (err.sqrt().item(), scale.sqrt().item())
+    den = max(den, floor)
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den
-
-
-def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.detach().double() - expected.detach().double()).abs().max().item() if actual.numel() else 0.0
 
 
 @dataclass
@@ -219,27 +237,38 @@ def make_inputs(n: int, vocab: int, dim: int, dtype=torch.float32, *, seed: int 
 
 
 def triton_backend_status() -> tuple[bool, str]:
-    """(usable, why not): the triton backend needs hf_fusedce/ops/triton_impl.py, triton, and a CUDA device or
-    TRITON_INTERPRET=1 (CPU tensors through the interpreter)."""
-    impl = Path(__file__).resolve().parent / "ops" / "triton_impl.py"
-    if not impl.exists():
-        return False, "hf_fusedce/ops/triton_impl.py does not exist yet"
+    """(usable, why not): the triton backend needs triton and a CUDA device or TRITON_INTERPRET=1 (CPU tensors
+    through the interpreter)."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return False, f"triton is not importable: {exc}"
     from .ops.api import triton_available
 
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if not triton_available(dev):
+    if not triton_available(device_under_test()):
         return False, "no CUDA device and TRITON_INTERPRET is not 1"
-    return True, ""  # an import error in triton_impl is a failure, not a skip: the tests will show it
+    return True, ""
 
 
-def backend_device(backend: str) -> torch.device:
-    """Where to put the tensors for ``backend``: CUDA when there is one, else CPU (triton then interprets)."""
+def device_under_test() -> torch.device:
+    """Where op tests put their tensors: CUDA when there is one (compiled kernels), else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def available_backends() -> list[str]:
-    return ["torch"] + (["triton"] if triton_backend_status()[0] else [])
+def tiny_llama(vocab_size: int = 97, hidden_size: int = 32, tie: bool = False, seed: int = 0, **config):
+    """A 2-layer `LlamaForCausalLM` (4 heads, 2 kv heads, MLP 2x hidden) in train mode, seeded with
+    `torch.manual_seed(seed)`; `config` overrides `LlamaConfig` fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config})).train()
+
+
+def tiny_batch(vocab_size: int = 97, batch: int = 2, seq: int = 10, seed: int = 0, prompt: int = 4):
+    """(input_ids, labels) of random tokens; labels = input_ids with the first `prompt` of row 0 ignored (-100)."""
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[0, :prompt] = -100
+    return ids, labels

@@ -4,7 +4,8 @@
   its kernels on CPU tensors through the interpreter (slow: keep triton shapes small). With a CUDA device the
   variable is left alone, so GPU runs exercise the compiled kernels.
 * ``backend`` fixture: "torch" and "triton"; triton cases skip (with the reason) when the backend is not usable
-  here (no hf_fusedce/ops/triton_impl.py yet, no triton, no CUDA and no interpreter).
+  here (no triton, or no CUDA and no interpreter).
+* ``tiny_llama`` / ``tiny_batch`` fixtures: factories of the tiny offline models and batches the tests share.
 * Hypothesis profiles: "ci" (default) is derandomized (the seed is derived from each test, so every run draws the
   same examples), keeps no example database, has no deadline and prints the reproduction blob on failure.
   "dev" draws fresh random examples. Pick one with HYPOTHESIS_PROFILE=dev.
@@ -22,7 +23,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from hf_fusedce.testing import backend_device, triton_backend_status  # noqa: E402
+from hf_fusedce import testing  # noqa: E402
+from hf_fusedce.testing import device_under_test, triton_backend_status  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -54,7 +56,7 @@ def backend(request) -> str:
 
 @pytest.fixture
 def device(backend) -> torch.device:
-    return backend_device(backend)
+    return device_under_test()
 
 
 def have_cuda() -> bool:
@@ -63,3 +65,15 @@ def have_cuda() -> bool:
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory of tiny seeded Llama models (`hf_fusedce.testing.tiny_llama`)."""
+    return testing.tiny_llama
+
+
+@pytest.fixture
+def tiny_batch():
+    """Factory of (input_ids, labels) batches (`hf_fusedce.testing.tiny_batch`)."""
+    return testing.tiny_batch

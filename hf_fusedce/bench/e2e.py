@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import hf_fusedce
 from hf_fusedce.memory import LiveTensorTracker
 
 from .runner import TIME_SKIP, environment, free_memory, is_oom, log, sync
@@ -35,16 +36,6 @@ def e2e_defaults(device: torch.device) -> dict:
                 "max_seq": 262144, "granularity": 4096, "cpu_budget_bytes": None}
     return {"model": CPU_MODEL, "model_name": "tiny llama (h256, 2 layers, V32000, tied; CPU scale-down)",
             "seq": 1024, "max_seq": 8192, "granularity": 256, "cpu_budget_bytes": 512 << 20}
-
-
-def _patch_fn():
-    """hf_fusedce.patch, or the reason it is not usable yet."""
-    try:
-        import hf_fusedce
-
-        return hf_fusedce.patch
-    except Exception as err:  # noqa: BLE001 - the HF layer may not exist yet
-        return f"skipped: hf_fusedce.patch unavailable ({type(err).__name__}: {err})"
 
 
 def _build_model(cfg_kwargs: dict, mode: DtypeMode, device, grad_ckpt: bool, seed: int):
@@ -174,7 +165,6 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
     if device.type == "cuda":
         budget = budget_bytes  # on GPU the device's memory is the budget (OOM), unless one is given
     env = environment(device)
-    patch = _patch_fn()
     for mode in modes:
         for variant in ("stock", "patched"):
             rec = {**env, "record": "e2e", "model": d["model_name"], "model_config": d["model"],
@@ -185,10 +175,6 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
                                       f"{(budget or 0) >> 20} MiB (live-tensor tracker), a scaled-down stand-in "
                                       "for the GPU's OOM")
             log(f"[e2e] {variant} {mode.name} seq={seq}")
-            if variant == "patched" and isinstance(patch, str):
-                rec["status"] = patch
-                sink(rec)
-                continue
             if out_of_time():
                 rec["status"] = TIME_SKIP
                 sink(rec)
@@ -197,8 +183,7 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
             try:
                 model = _build_model(d["model"], mode, device, grad_ckpt, seed)
                 if variant == "patched":
-                    out = patch(model)
-                    model = out if isinstance(out, torch.nn.Module) else model
+                    hf_fusedce.patch(model)
                 tr = _Trainer(model, mode, device, d["model"]["vocab_size"])
                 tr.step(seq)  # warm-up; creates the optimizer state
                 times = []
@@ -225,19 +210,10 @@ def run_e2e(device, modes: list[DtypeMode], sink, *, seq: int | None = None, gra
                 err = None
             finally:
                 if variant == "patched" and model is not None:
-                    _unpatch(model)
+                    hf_fusedce.unpatch(model)
                 del model, tr
                 gc.collect()
                 free_memory(device)
             log(f"[e2e]   {rec.get('status')} step {rec.get('step_ms')} ms, peak {rec.get('peak_mem_bytes')}, "
                 f"longest {rec.get('max_seq_note')}")
             sink(rec)
-
-
-def _unpatch(model):
-    try:
-        import hf_fusedce
-
-        hf_fusedce.unpatch(model)
-    except Exception:  # noqa: BLE001 - nothing to undo, or no unpatch yet
-        pass

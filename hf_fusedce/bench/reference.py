@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_fusedce.testing import rel_err
+
 _F64 = torch.float64
 
 
@@ -105,26 +107,16 @@ def subset_reference(h, w, y, *, n_rows: int = 256, n_vocab_rows: int = 512, ign
     return Reference(float(total / n_valid), dh, dw, dh_rows=trows, dw_rows=vrows)
 
 
-@torch.no_grad()
-def rel_max_err(got: torch.Tensor | None, ref: torch.Tensor | None, rows: torch.Tensor | None = None,
-                block: int = 8192) -> float | None:
-    """max|got - ref| / max|ref| (over `rows` of got if given), computed in float64 by blocks of rows."""
-    if got is None or ref is None:
-        return None
-    if rows is not None:
-        got = got.index_select(0, rows.to(got.device))
-    err = torch.zeros((), dtype=_F64, device=ref.device)
-    scale = torch.zeros((), dtype=_F64, device=ref.device)
-    for s in range(0, ref.shape[0], block):
-        r = ref[s:s + block]
-        err = torch.maximum(err, (got[s:s + block].to(device=r.device, dtype=_F64) - r).abs().max())
-        scale = torch.maximum(scale, r.abs().max())
-    return float(err / scale) if float(scale) > 0 else float(err)
-
-
 def compare(ref: Reference, loss: float | None, dh: torch.Tensor | None, dw: torch.Tensor | None) -> dict:
     return {
         "loss_rel_err": None if loss is None else abs(loss - ref.loss) / max(abs(ref.loss), 1e-30),
-        "dh_rel_err": rel_max_err(dh, ref.dh, ref.dh_rows),
-        "dw_rel_err": rel_max_err(dw, ref.dw, ref.dw_rows),
+        "dh_rel_err": _max_rel_err(dh, ref.dh, ref.dh_rows),
+        "dw_rel_err": _max_rel_err(dw, ref.dw, ref.dw_rows),
     }
+
+
+def _max_rel_err(got: torch.Tensor | None, ref: torch.Tensor | None, rows: torch.Tensor | None) -> float | None:
+    """max|got - ref| / max|ref| over `rows` of got (None when either is missing)."""
+    if got is None or ref is None:
+        return None
+    return rel_err(got, ref, norm="max", rows=rows)

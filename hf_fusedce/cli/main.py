@@ -12,13 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-fusedce", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"hf_fusedce.cli.{name}")
-        except ModuleNotFoundError as err:  # a subcommand whose module is absent is simply not offered
-            if err.name != f"hf_fusedce.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"hf_fusedce.cli.{name}").register(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..testing import rel_err
 from .heads import HEADS, REFUSED, resolve
 
 TOL = 1e-5
@@ -238,11 +239,6 @@ def _loss_and_grads(model, ids, labels, **kw):
     return out, grads
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp(min=FLOOR))
-
-
 def compare(model, ids, labels, tol: float = TOL, patch_options: dict | None = None, **kw) -> float:
     """Patched vs stock on one batch (`kw`: more model inputs): returns max relative error, raises
     AssertionError on a mismatch."""
@@ -255,11 +251,11 @@ def compare(model, ids, labels, tol: float = TOL, patch_options: dict | None = N
     with patching.patched(model, backend="torch", **(patch_options or {})):
         out, ours = _loss_and_grads(model, ids, labels, **kw)
     assert out.logits is None, "the fused path did not run (the patched training forward returned logits)"
-    errs = [rel_err(out.loss, stock_out.loss)]
+    errs = [rel_err(out.loss, stock_out.loss, floor=FLOOR)]
     for name, g in stock.items():
         assert (g is None) == (ours[name] is None), f"gradient presence differs for {name}"
         if g is not None:
-            errs.append(rel_err(ours[name], g))
+            errs.append(rel_err(ours[name], g, floor=FLOOR))
             assert errs[-1] <= tol, f"grad {name}: rel err {errs[-1]:.2e}"
     assert errs[0] <= tol, f"loss {out.loss.item()} vs stock {stock_out.loss.item()}: rel err {errs[0]:.2e}"
     return max(errs)

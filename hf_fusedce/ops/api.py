@@ -92,6 +92,10 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, target_probs):
         raise ValueError(f"hidden must be a floating tensor, got dtype {hidden.dtype}")
     if weight.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"weight must be a floating tensor, got dtype {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight is empty (shape {tuple(weight.shape)}): a DeepSpeed ZeRO-3 partition read outside "
+                         "its module's forward? Gather it first (deepspeed.zero.GatheredParameters) or call the op "
+                         "from inside the module's forward")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (vocab, hidden_dim), got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:

@@ -1,7 +1,4 @@
 """`hf-fusedce check` runs the same proof: by model type, and on a local checkpoint with its tokenizer."""
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from hf_fusedce.cli.main import main
 
 
@@ -16,7 +13,7 @@ def test_check_refused_type_is_reported(capsys):
     assert "refused" in capsys.readouterr().out
 
 
-def test_check_local_checkpoint(tmp_path, capsys):
+def test_check_local_checkpoint(tmp_path, capsys, tiny_llama):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -25,10 +22,7 @@ def test_check_local_checkpoint(tmp_path, capsys):
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=True)).save_pretrained(tmp_path)
+    tiny_llama(tie=True).save_pretrained(tmp_path)
     assert main(["check", "--model", str(tmp_path), "--seq-len", "12"]) == 0
     out = capsys.readouterr().out
     assert "proven   llama" in out and "tied" in out

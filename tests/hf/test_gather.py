@@ -7,26 +7,14 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_fusedce
 from hf_fusedce.hf import gather
-from hf_fusedce.hf.proof import rel_err
-
-
-def tiny(tie=False):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
-
-
-def data():
-    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
-    return ids, ids.clone()
+from hf_fusedce.testing import rel_err, tiny_batch, tiny_llama
 
 
 def loss_and_grads(model):
-    ids, labels = data()
+    ids, labels = tiny_batch(prompt=0)
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
@@ -64,7 +52,7 @@ class Zero3Emulation:
 
 @pytest.mark.parametrize("budget", [None, 2048])  # 2048 bytes: many chunks, still one gather
 def test_zero3_style_head_is_gathered_once_and_gets_its_gradient(budget):
-    stock = tiny()
+    stock = tiny_llama()
     s_loss, s_grads = loss_and_grads(stock)
     model = hf_fusedce.patch(copy.deepcopy(stock), backend="torch", chunk_budget_bytes=budget)
     z = Zero3Emulation(model.lm_head)
@@ -97,7 +85,7 @@ class FSDP1Like(nn.Module):
 
 
 def test_fsdp1_style_wrapper_is_called_through():
-    stock = tiny()
+    stock = tiny_llama()
     s_loss, s_grads = loss_and_grads(stock)
     model = copy.deepcopy(stock)
     wrapper = FSDP1Like(model.lm_head)
@@ -126,7 +114,7 @@ def one_rank_group():
 def test_fsdp2_fully_shard_one_rank(one_rank_group, tie):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    stock = tiny(tie)
+    stock = tiny_llama(tie=tie)
     s_loss, s_grads = loss_and_grads(stock)
     model = copy.deepcopy(stock)
     for layer in model.model.layers:

@@ -5,29 +5,15 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import hf_fusedce
 from hf_fusedce.hf import forward
-from hf_fusedce.hf.proof import rel_err
-
-
-def tiny():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
-
-
-def data():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 97, (2, 10), generator=g)
-    labels = ids.clone()
-    labels[1, :4] = -100
-    return ids, labels
+from hf_fusedce.testing import rel_err, tiny_batch, tiny_llama
 
 
 def test_patch_twice_is_once_and_unpatch_restores_exactly():
-    m = tiny()
+    m = tiny_llama()
     assert "forward" not in m.__dict__
     hf_fusedce.patch(m)
     first = m.forward
@@ -37,7 +23,7 @@ def test_patch_twice_is_once_and_unpatch_restores_exactly():
 
 
 def test_unpatch_restores_a_forward_the_instance_already_had():
-    m = tiny()
+    m = tiny_llama()
     own = m.forward
     m.forward = own  # e.g. accelerate's wrapper
     hf_fusedce.patch(m)
@@ -46,14 +32,14 @@ def test_unpatch_restores_a_forward_the_instance_already_had():
 
 
 def test_patched_context_manager():
-    m = tiny()
+    m = tiny_llama()
     with hf_fusedce.patched(m):
         assert hf_fusedce.is_patched(m)
     assert not hf_fusedce.is_patched(m)
 
 
 def test_signature_keeps_logits_to_keep_and_kwargs():
-    m = hf_fusedce.patch(tiny())
+    m = hf_fusedce.patch(tiny_llama())
     params = inspect.signature(m.forward).parameters
     assert "logits_to_keep" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
 
@@ -64,7 +50,7 @@ class TotallyNewForCausalLM(LlamaForCausalLM):
 
 def test_unknown_model_type_is_refused_unless_forced():
     torch.manual_seed(0)
-    m = TotallyNewForCausalLM(tiny().config)
+    m = TotallyNewForCausalLM(tiny_llama().config)
     m.config.model_type = "totally_new_family"
     with pytest.raises(ValueError, match="refusing"):
         hf_fusedce.patch(m)
@@ -74,7 +60,7 @@ def test_unknown_model_type_is_refused_unless_forced():
 
 
 def test_refused_family_has_a_reason():
-    m = tiny()
+    m = tiny_llama()
     m.config.model_type = "musicgen"
     with pytest.raises(ValueError, match="codebook"):
         hf_fusedce.patch(m)
@@ -86,8 +72,8 @@ def fused_spy():
 
 
 def test_no_labels_takes_the_stock_path():
-    m = tiny()
-    ids, labels = data()
+    m = tiny_llama()
+    ids, labels = tiny_batch()
     stock_logits = m(input_ids=ids).logits
     hf_fusedce.patch(m)
     with fused_spy() as fused_path:
@@ -97,8 +83,8 @@ def test_no_labels_takes_the_stock_path():
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 def test_eval_mode_is_stock_with_logits_whatever_the_grad_mode(grad):
-    m = tiny().eval()
-    ids, labels = data()
+    m = tiny_llama().eval()
+    ids, labels = tiny_batch()
     stock = m(input_ids=ids, labels=labels)
     hf_fusedce.patch(m)
     with fused_spy() as fused_path, torch.set_grad_enabled(grad):
@@ -108,16 +94,16 @@ def test_eval_mode_is_stock_with_logits_whatever_the_grad_mode(grad):
 
 
 def test_training_mode_without_grad_is_fused():
-    m = hf_fusedce.patch(tiny().train())
-    ids, labels = data()
+    m = hf_fusedce.patch(tiny_llama().train())
+    ids, labels = tiny_batch()
     with fused_spy() as fused_path, torch.no_grad():
         out = m(input_ids=ids, labels=labels)
     assert fused_path.call_count == 1 and out.logits is None
 
 
 def test_skip_logits_forces_either_way():
-    m = tiny().eval()
-    ids, labels = data()
+    m = tiny_llama().eval()
+    ids, labels = tiny_batch()
     stock = m(input_ids=ids, labels=labels).loss
     hf_fusedce.patch(m)
     with torch.no_grad():
@@ -127,8 +113,8 @@ def test_skip_logits_forces_either_way():
 
 
 def test_tuple_output_and_positional_args():
-    m = tiny()
-    ids, labels = data()
+    m = tiny_llama()
+    ids, labels = tiny_batch()
     stock = m(ids, labels=labels).loss
     hf_fusedce.patch(m)
     out = m(ids, None, None, None, None, labels, return_dict=False)
@@ -136,8 +122,8 @@ def test_tuple_output_and_positional_args():
 
 
 def test_shift_labels_and_ignore_index():
-    m = tiny()
-    ids, labels = data()
+    m = tiny_llama()
+    ids, labels = tiny_batch()
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
     stock = m(input_ids=ids, labels=labels, shift_labels=shift).loss
     hf_fusedce.patch(m)
@@ -145,8 +131,8 @@ def test_shift_labels_and_ignore_index():
 
 
 def test_logits_to_keep_slices_targets_like_hidden():
-    m = tiny()
-    ids, labels = data()
+    m = tiny_llama()
+    ids, labels = tiny_batch()
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
     stock = m(input_ids=ids, labels=labels, shift_labels=shift[:, -4:].contiguous(), logits_to_keep=4).loss
     hf_fusedce.patch(m)
@@ -155,15 +141,15 @@ def test_logits_to_keep_slices_targets_like_hidden():
 
 
 def test_return_logits_option():
-    m = hf_fusedce.patch(tiny(), return_logits=True)
-    ids, labels = data()
+    m = hf_fusedce.patch(tiny_llama(), return_logits=True)
+    ids, labels = tiny_batch()
     out = m(input_ids=ids, labels=labels)
     assert out.logits is not None and out.logits.shape == (2, 10, 97) and not out.logits.requires_grad
 
 
 def test_options_reach_the_op():
-    m = tiny()
-    ids, labels = data()
+    m = tiny_llama()
+    ids, labels = tiny_batch()
     base = m(input_ids=ids, labels=labels).loss
     hf_fusedce.patch(m, z_loss=1e-2, backend="torch", chunk_budget_bytes=4096)
     assert m(input_ids=ids, labels=labels).loss > base
@@ -178,7 +164,7 @@ def test_global_patch_covers_models_built_later_and_unpatch_restores():
                             embd_pdrop=0.0, attn_pdrop=0.0)
         m = GPT2LMHeadModel(config).train()
         assert hf_fusedce.is_patched(m)
-        ids, labels = data()
+        ids, labels = tiny_batch()
         with fused_spy() as fused_path:
             loss = m(input_ids=ids, labels=labels).loss
         assert fused_path.call_count == 1
@@ -202,10 +188,10 @@ def test_accelerate_prepare_keeps_the_patch():
     # The accelerator state is a process-wide singleton: other tests in this worker may have set it.
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        m = hf_fusedce.patch(tiny())
+        m = hf_fusedce.patch(tiny_llama())
         m = accelerate.Accelerator(cpu=True, mixed_precision="bf16").prepare(m)
         assert hf_fusedce.is_patched(m)
-        ids, labels = data()
+        ids, labels = tiny_batch()
         with fused_spy() as fused_path:
             assert m(input_ids=ids, labels=labels).loss.dtype == torch.float32
         assert fused_path.call_count == 1

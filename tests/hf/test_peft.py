@@ -8,30 +8,14 @@ import torch
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, TrainableTokensConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import hf_fusedce  # noqa: E402
 from hf_fusedce.hf import forward  # noqa: E402
-from hf_fusedce.hf.proof import rel_err  # noqa: E402
-
-
-def tiny(tie):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg)
-
-
-def batch():
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 97, (2, 10), generator=g)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    return ids, labels
+from hf_fusedce.testing import rel_err, tiny_batch, tiny_llama  # noqa: E402
 
 
 def run(model, seed=11):
-    ids, labels = batch()
+    ids, labels = tiny_batch(seed=3, prompt=3)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # same dropout stream for stock and patched
     loss = model(input_ids=ids, labels=labels).loss
@@ -67,7 +51,7 @@ def test_lora_exact(name, tie, order):
         pytest.skip("PEFT itself rejects lora_bias on the tied Embedding")
     if tie and name != "lora-body":
         kw["ensure_weight_tying"] = True
-    base = tiny(tie)
+    base = tiny_llama(tie=tie)
     stock = get_peft_model(copy.deepcopy(base), LoraConfig(**kw))
     stock.train()
     if order == "patch-before":
@@ -86,7 +70,7 @@ def test_lora_exact(name, tie, order):
 
 
 def test_frozen_base_head_gets_no_weight_gradient():
-    model = hf_fusedce.patch(get_peft_model(tiny(False), LoraConfig(r=4, target_modules=["q_proj"])))
+    model = hf_fusedce.patch(get_peft_model(tiny_llama(tie=False), LoraConfig(r=4, target_modules=["q_proj"])))
     _, grads = run(model)
     assert not any("lm_head" in n for n in grads)
     assert model.get_base_model().lm_head.weight.grad is None
@@ -95,7 +79,7 @@ def test_frozen_base_head_gets_no_weight_gradient():
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_trainable_tokens_on_head(tie):
     cfg = TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 7])
-    base = tiny(tie)
+    base = tiny_llama(tie=tie)
     stock = get_peft_model(copy.deepcopy(base), cfg)
     fused = hf_fusedce.patch(get_peft_model(copy.deepcopy(base), cfg))
     with torch.no_grad():
@@ -108,7 +92,7 @@ def test_trainable_tokens_on_head(tie):
 
 def test_dora_on_head_falls_back_to_stock_with_warning():
     cfg = LoraConfig(r=4, target_modules=["lm_head"], use_dora=True)
-    base = tiny(False)
+    base = tiny_llama(tie=False)
     stock = get_peft_model(copy.deepcopy(base), cfg)
     fused = hf_fusedce.patch(get_peft_model(copy.deepcopy(base), cfg))
     loss_s, _ = run(stock)

@@ -127,11 +127,12 @@ def test_weight_of_wrong_rank_raises(backend, device, rank):
         fused_linear_cross_entropy(h, bad, t, backend=backend)
 
 
-def test_zero3_style_empty_weight_raises(backend, device):
-    """DeepSpeed ZeRO-3 leaves a numel-0 placeholder outside the module's hooks: fail loudly, not garbage."""
+@pytest.mark.parametrize("shape", [(0,), (0, D)])
+def test_zero3_style_empty_weight_raises(backend, device, shape):
+    """DeepSpeed ZeRO-3 leaves a numel-0 placeholder outside the module's hooks: fail naming it, not garbage."""
     h, _, t = inputs(device)
-    with pytest.raises(ValueError):
-        fused_linear_cross_entropy(h, torch.empty(0, device=device), t, backend=backend)
+    with pytest.raises(ValueError, match="weight is empty .* ZeRO-3 partition"):
+        fused_linear_cross_entropy(h, torch.empty(shape, device=device), t, backend=backend)
 
 
 def test_bias_shape_and_dtype_mismatch_raise(backend, device):

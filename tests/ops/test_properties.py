@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_fusedce import fused_linear_cross_entropy
-from hf_fusedce.testing import backend_device, compare_to_reference, tolerance_for, triton_backend_status
+from hf_fusedce.testing import compare_to_reference, device_under_test, tolerance_for, triton_backend_status
 
 TORCH_EXAMPLES = 300
 TRITON_EXAMPLES = 60
@@ -105,7 +105,7 @@ def build(case, device):
 
 
 def _check(case, backend):
-    device = backend_device(backend)
+    device = device_under_test()
     hidden, weight, targets, bias, grad_output, budget, kwargs, n = build(case, device)
     fn = functools.partial(fused_linear_cross_entropy, backend=backend, chunk_budget_bytes=budget)
     ours = compare_to_reference(fn, hidden, weight, targets, bias=bias, grad_output=grad_output,
@@ -141,7 +141,7 @@ def test_triton_backend_matches_float64_reference(case):
 def test_chunking_does_not_change_the_result(case, rows):
     """The chunk size is an implementation detail: one row per chunk and one chunk give the same loss (to float32
     summation order) and the same gradients (torch backend; the chunk loop is shared by both backends)."""
-    device = backend_device("torch")
+    device = device_under_test()
     hidden, weight, targets, bias, grad_output, _, kwargs, _ = build(case, device)
     outs = []
     for budget in (rows * case["vocab"] * 2, 1 << 30):

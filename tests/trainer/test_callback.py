@@ -14,15 +14,14 @@ datasets = pytest.importorskip("datasets")
 from transformers import Trainer, TrainingArguments, default_data_collator  # noqa: E402
 
 from hf_fusedce.callback import stock_loss_head  # noqa: E402
-from hf_fusedce.demo.model import build_tiny_llama  # noqa: E402
 from hf_fusedce.memory import LiveTensorTracker, measure_peak, stock_head_peak_bytes  # noqa: E402
+from hf_fusedce.testing import tiny_llama  # noqa: E402
 
 VOCAB, HIDDEN, SEQ, BATCH = 1024, 64, 48, 2
 
 
 def _model():
-    return build_tiny_llama(seed=0, vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=1, num_heads=4, num_kv_heads=2,
-                            intermediate_size=128, max_position=64)
+    return tiny_llama(VOCAB, HIDDEN, num_hidden_layers=1, max_position_embeddings=64)
 
 
 def _fixed_length_data(n=8):

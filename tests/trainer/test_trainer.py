@@ -13,16 +13,15 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from hf_fusedce.demo.model import build_tiny_llama  # noqa: E402
+from hf_fusedce.testing import tiny_llama  # noqa: E402
 
 VOCAB = 1024
 MEM_KEYS = ("fusedce/tokens_per_sec", "fusedce/head_saved_mib", "fusedce/head_stock_mib_formula",
             "fusedce/head_fused_peak_mib")
 
 
-def _tiny_model(seed=0, **kw):
-    return build_tiny_llama(seed=seed, vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, intermediate_size=128, max_position=256, **kw)
+def _tiny_model(seed=0):
+    return tiny_llama(VOCAB, 64, seed=seed, max_position_embeddings=256)
 
 
 def _dataset(n=48, seed=0):
