@@ -147,7 +147,7 @@ def test_zero3_style_peft_head_gathers_every_parameter_it_reads(adapter):
     """LoRA's base layer and lora_B, the modules_to_save copy, the trainable-token delta and its base layer are
     read by the fused head without being called: each is entered through its own ZeRO-3 hooks."""
     peft = pytest.importorskip("peft")
-    stock = peft.get_peft_model(tiny(), PEFT_HEADS[adapter](peft))
+    stock = peft.get_peft_model(tiny_llama(), PEFT_HEADS[adapter](peft))
     with torch.no_grad():  # make the adapter matter (LoRA B starts at zero, token deltas at the base rows)
         for n, p in stock.named_parameters():
             if p.requires_grad:
