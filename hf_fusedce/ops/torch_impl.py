@@ -25,8 +25,9 @@ def working_bytes_per_logit(spec: LossSpec, chunk_dtype: torch.dtype) -> int:
     return own + 4 * fp32_copies
 
 
-def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool) -> torch.Tensor:
-    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale*loss)/dz."""
+def transform_(z: torch.Tensor, spec: LossSpec):
+    """(x, tanh): x = softcap * tanh(scale * z / softcap) (or scale * z) in float32 at least, in place when z is;
+    tanh kept for the chain rule (None without softcap)."""
     x = z if z.dtype in (torch.float32, torch.float64) else z.float()
     if spec.logit_scale != 1.0:
         x.mul_(spec.logit_scale)
@@ -34,6 +35,35 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     if spec.softcap is not None:
         tanh = x.div_(spec.softcap).tanh_()
         x = tanh * spec.softcap  # new buffer: tanh is kept for the chain rule
+    return x, tanh
+
+
+def weighted_row_loss(log_sum, tau_sum, tau_dot_gap, mean_gap, lse, rows: RowInputs, spec: LossSpec):
+    """(loss, active) per row from the row statistics (see the module docstring); zero where the weight is 0.
+    tau_sum*lse - sum tau x == tau_sum*log_sum + sum tau (max - x): exact for large logits."""
+    eps, zl = spec.label_smoothing, spec.z_loss
+    loss = (1.0 - eps) * (tau_sum * log_sum + tau_dot_gap)
+    if eps:
+        loss = loss + eps * (log_sum + mean_gap)
+    if zl:
+        loss = loss + zl * lse.square()
+    active = rows.weight != 0
+    return torch.where(active, rows.weight * loss, torch.zeros_like(loss)), active
+
+
+def to_raw_grad_(g: torch.Tensor, z: torch.Tensor, tanh, spec: LossSpec) -> None:
+    """dL/dx -> dL/dz through softcap and scale, left in z."""
+    if tanh is not None:
+        g.mul_(tanh.square_().neg_().add_(1.0))
+    if spec.logit_scale != 1.0:
+        g.mul_(spec.logit_scale)
+    if g is not z:  # identity, not data_ptr: torch.compile traces it
+        z.copy_(g)
+
+
+def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool) -> torch.Tensor:
+    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale*loss)/dz."""
+    x, tanh = transform_(z, spec)
     ids, tau = rows.ids, rows.probs  # (n, K); ignored entries have id 0 and tau 0
     eps, zl, vocab = spec.label_smoothing, spec.z_loss, x.shape[1]
     row_max = x.amax(1)
@@ -46,14 +76,7 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     sum_exp = p.sum(1)
     log_sum = sum_exp.log()
     lse = row_max + log_sum
-    # tau_sum*lse - sum tau x == tau_sum*log_sum + sum tau (max - x): exact for large logits
-    loss = (1.0 - eps) * (tau_sum * log_sum + tau_dot_gap)
-    if eps:
-        loss = loss + eps * (log_sum + mean_gap)
-    if zl:
-        loss = loss + zl * lse.square()
-    active = rows.weight != 0
-    loss = torch.where(active, rows.weight * loss, torch.zeros_like(loss))
+    loss, active = weighted_row_loss(log_sum, tau_sum, tau_dot_gap, mean_gap, lse, rows, spec)
     if not compute_grad:
         return loss
     coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
@@ -62,10 +85,5 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     p.scatter_add_(1, ids, -(1.0 - eps) * tau * coef[:, None])
     if eps:
         p.sub_((eps / vocab) * coef[:, None])
-    if tanh is not None:
-        p.mul_(tanh.square_().neg_().add_(1.0))
-    if spec.logit_scale != 1.0:
-        p.mul_(spec.logit_scale)
-    if p is not z:  # identity, not data_ptr: torch.compile traces it
-        z.copy_(p)
+    to_raw_grad_(p, z, tanh, spec)
     return loss

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .api import _check_options, _check_tensors, _denominator, _plan, _row_inputs, _validate_labels_and_count
 from .autograd import FusedLinearCrossEntropyFn
 from .spec import LossSpec, RowInputs
+from .torch_impl import to_raw_grad_, transform_, weighted_row_loss
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -125,13 +126,7 @@ def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_gra
                    vocab_size):
     """`torch_impl.ce_rows` on a vocabulary slice: the loss of the full rows; z (n, V_r) holds this slice's raw
     logits and, if compute_grad, becomes the gradient of those logits."""
-    x = z if z.dtype in (torch.float32, torch.float64) else z.float()
-    if spec.logit_scale != 1.0:
-        x.mul_(spec.logit_scale)
-    tanh = None
-    if spec.softcap is not None:
-        tanh = x.div_(spec.softcap).tanh_()
-        x = tanh * spec.softcap  # new buffer: tanh is kept for the chain rule
+    x, tanh = transform_(z, spec)
     n, width = x.shape
     eps, zl = spec.label_smoothing, spec.z_loss
     local_ids = rows.ids - vocab_start
@@ -155,13 +150,8 @@ def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_gra
     tau_sum = tau.sum(1)
     log_sum = sum_exp.log()
     lse = row_max + log_sum
-    loss = (1.0 - eps) * (tau_sum * log_sum + tau_dot_gap)
-    if eps:
-        loss = loss + eps * (log_sum + sums[2] / vocab_size)
-    if zl:
-        loss = loss + zl * lse.square()
-    active = rows.weight != 0
-    loss = torch.where(active, rows.weight * loss, torch.zeros_like(loss))
+    mean_gap = sums[2] / vocab_size if eps else None
+    loss, active = weighted_row_loss(log_sum, tau_sum, tau_dot_gap, mean_gap, lse, rows, spec)
     if not compute_grad:
         return loss
     coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
@@ -170,10 +160,5 @@ def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_gra
         p.scatter_add_(1, local_ids, -(1.0 - eps) * tau_mine * coef[:, None])
     if eps:
         p.sub_((eps / vocab_size) * coef[:, None])
-    if tanh is not None:
-        p.mul_(tanh.square_().neg_().add_(1.0))
-    if spec.logit_scale != 1.0:
-        p.mul_(spec.logit_scale)
-    if p.data_ptr() != z.data_ptr():
-        z.copy_(p)
+    to_raw_grad_(p, z, tanh, spec)
     return loss
