@@ -19,39 +19,43 @@ from .distill_spec import DistillSpec, TeacherRows
 
 
 def working_bytes_per_logit(spec: DistillSpec, chunk_dtype: torch.dtype) -> int:
-    """The student chunk in its dtype plus float32 buffers: log p_s, log p_t, one product (the JSD: also log m
-    and p_t), the temperature-1 softmax for hard labels; upcast copies when the chunk is not float32."""
+    """The student chunk in its dtype plus float32 buffers alive at the peak: log p_s, log p_t and the teacher's
+    logits (or p_t once they are freed); the JSD adds log m and a temporary; hard labels the temperature-1
+    softmax; a low-precision chunk its float32 copy."""
     own = torch.finfo(chunk_dtype).bits // 8
-    fp32_buffers = 4 if spec.beta in (0.0, 1.0) else 6  # the JSD adds log m and its temporaries
+    fp32_buffers = 3 if spec.beta in (0.0, 1.0) else 5
     fp32_buffers += 1 if spec.hard_label_weight else 0
-    fp32_buffers += 0 if chunk_dtype in (torch.float32, torch.float64) else 2
+    fp32_buffers += 0 if chunk_dtype in (torch.float32, torch.float64) else 1
     return own + 4 * fp32_buffers
-
-
-def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """In place: x - max - log(sum exp(x - max)); an all -inf row stays finite-safe like the CE kernel."""
-    row_max = x.amax(1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    x.sub_(row_max)
-    return x.sub_(x.exp().sum(1, keepdim=True).log_())
 
 
 def _acc_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.promote_types(z.dtype, torch.float32)
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_ij b_ij per row, as one batched GEMV (no (n, V) temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _scaled_log_softmax(x: torch.Tensor, inv_t: float, acc: torch.dtype) -> torch.Tensor:
+    x = x.to(acc)
+    return torch.log_softmax(x.mul_(inv_t) if inv_t != 1.0 else x, dim=1)
+
+
 def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool) -> torch.Tensor:
-    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale * loss)/dz_student."""
+    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale * loss)/dz_student.
+    Few, large ops: on a busy CPU every op pays a thread barrier, so the op count matters as much as the passes."""
     acc = _acc_dtype(z)
     inv_t = 1.0 / spec.temperature
     hard_loss, hard_p = _hard_label_part(z, rows, spec, acc, compute_grad)
-    s = z.to(acc)  # aliases z when z is float32: z is only needed again as the gradient's destination
-    log_ps = _log_softmax_(s.mul_(inv_t) if inv_t != 1.0 else s)
-    log_pt = _log_softmax_(rows.teacher_logits().to(acc).mul_(inv_t))
+    log_ps = _scaled_log_softmax(z, inv_t, acc)  # z itself is scaled in place when float32: only dL/dz goes there
+    log_pt = _scaled_log_softmax(rows.teacher_logits(), inv_t, acc)
     if rows.entropy_sum is not None:  # -sum p_s log p_s of the counted rows
-        entropy = (log_ps.exp() * log_ps).sum(1).neg_()
+        entropy = _row_dot(log_ps.exp(), log_ps).neg_()
         rows.entropy_sum += torch.where(rows.weight != 0, entropy, torch.zeros_like(entropy)).sum()
-    loss, grad_s = _divergence(log_ps, log_pt, spec.beta, compute_grad)
+    out = z if z.dtype == acc else None  # the gradient is written straight into a float32 chunk
+    loss, grad = _divergence(log_ps, log_pt, spec.beta, compute_grad, out)
     if hard_loss is not None:
         loss = loss + spec.hard_label_weight * hard_loss
     active = rows.weight != 0
@@ -59,35 +63,41 @@ def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_
     if not compute_grad:
         return loss
     coef = torch.where(active, rows.weight * rows.scale.to(acc), torch.zeros_like(loss))[:, None]
-    grad_s.mul_(coef * inv_t)
+    grad.mul_(coef * inv_t)
     if hard_p is not None:  # h (softmax(z) - onehot(y)) at temperature 1
-        grad_s.add_(hard_p.mul_(spec.hard_label_weight * coef))
-        grad_s.scatter_add_(1, rows.ids, -spec.hard_label_weight * coef)
-    if grad_s.data_ptr() != z.data_ptr():
-        z.copy_(grad_s)
+        grad.add_(hard_p.mul_(spec.hard_label_weight * coef))
+        grad.scatter_add_(1, rows.ids, -spec.hard_label_weight * coef)
+    if grad.data_ptr() != z.data_ptr():
+        z.copy_(grad)
     return loss
 
 
-def _divergence(log_ps, log_pt, beta, compute_grad):
-    """Per-row loss and (if asked) dL/ds in a fresh or reused (n, V) buffer. log_ps/log_pt may be consumed."""
+def _divergence(log_ps, log_pt, beta, compute_grad, out):
+    """Per-row loss and (if asked) dL/ds, written into `out` when given (else into a consumed input).
+    log_ps and log_pt are consumed."""
     if beta == 0.0:
         p_t = log_pt.exp()
-        loss = (p_t * (log_pt - log_ps)).sum(1)
-        return loss, (log_ps.exp_().sub_(p_t) if compute_grad else None)
+        loss = _row_dot(p_t, log_pt.sub_(log_ps))
+        if not compute_grad:
+            return loss, None
+        return loss, torch.exp(log_ps, out=out if out is not None else log_ps).sub_(p_t)
     if beta == 1.0:
         p_s = log_ps.exp()
         log_ratio = log_ps.sub_(log_pt)
-        loss = (p_s * log_ratio).sum(1)
-        return loss, (p_s.mul_(log_ratio.sub_(loss[:, None])) if compute_grad else None)
+        loss = _row_dot(p_s, log_ratio)
+        if not compute_grad:
+            return loss, None
+        return loss, torch.mul(log_ratio.sub_(loss[:, None]), p_s, out=out if out is not None else p_s)
     log_m = torch.logaddexp(log_ps + math.log(1.0 - beta), log_pt + math.log(beta))
-    kl_t = (log_pt.exp() * log_pt.sub_(log_m)).sum(1)
-    p_s = log_ps.exp()
+    kl_t = _row_dot(log_pt.exp(), log_pt.sub_(log_m))
+    p_s = log_pt.copy_(log_ps).exp_()  # log_pt's buffer is free now
     log_ratio_s = log_ps.sub_(log_m)
-    kl_s = (p_s * log_ratio_s).sum(1)
+    kl_s = _row_dot(p_s, log_ratio_s)
     loss = beta * kl_t + (1.0 - beta) * kl_s
     if not compute_grad:
         return loss, None
-    return loss, p_s.mul_(log_ratio_s.sub_(kl_s[:, None])).mul_(1.0 - beta)
+    grad = torch.mul(log_ratio_s.sub_(kl_s[:, None]), p_s, out=out if out is not None else p_s)
+    return loss, grad.mul_(1.0 - beta)
 
 
 def _hard_label_part(z, rows, spec, acc, compute_grad):
