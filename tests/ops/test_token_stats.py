@@ -31,7 +31,6 @@ def _run(fn, h, w, bias, targets, a, b, **kw):
     return out, (h.grad, w.grad, bias.grad)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_float64_reference(backend, case):
     n, vocab, dim = 37, 203, 19
