@@ -85,8 +85,30 @@ def render_card(r: dict, doc: dict) -> str:
              f"`num_items_in_batch`; max relative error {r['max_rel_err']:.1e} (tolerance {doc['tolerance']:g})"]
     if r["reason"]:
         lines.append(f"- note: {r['reason']}")
+    lines += _trl_lines(r["model_type"])
     lines += ["", "## GPU measurements", "- not measured yet", ""]
     return "\n".join(lines)
+
+
+TRL_SWEEP = CARDS_DIR / "trl_sweep" / "results.json"  # written by python -m hf_fusedce.integrations.trl_sweep
+
+
+def _trl_lines(model_type: str) -> list[str]:
+    """The TRL sweep's row for this family: SFT's loss through TRL's fused_lm_head protocol vs stock."""
+    if not TRL_SWEEP.exists():
+        return []
+    sweep = json.loads(TRL_SWEEP.read_text())
+    row = next((r for r in sweep["rows"] if r["model_type"] == model_type and r["stock"] == "ok"), None)
+    if row is None:
+        return []
+
+    def say(o):
+        err = f" (max relative error {o['max_rel_err']:.1e})" if "max_rel_err" in o else ""
+        return o["status"] + err + (f": {o['reason'][:120]}" if "reason" in o else "")
+
+    return ["", f"## With TRL (trl {sweep['trl']}, fused_lm_head protocol, {sweep['date'][:10]})",
+            f"- hf_fusedce's head through TRL's protocol vs stock: {say(row['ours'])}",
+            f"- TRL's own head vs stock: {say(row['trl'])}"]
 
 
 def render_index(doc: dict) -> str:
