@@ -84,7 +84,8 @@ def _check_options(spec: LossSpec, backend, num_items_in_batch):
         raise ValueError("num_items_in_batch cannot be combined with reduction='none'")
 
 
-def _check_tensors(hidden, weight, targets, bias, token_weights, target_probs):
+def _check_tensors(hidden, weight, targets, bias, token_weights, target_probs, empty_vocab_ok=False):
+    """empty_vocab_ok: a (0, D) weight is a legal vocabulary slice (vocab-parallel ranks past the vocabulary)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -92,7 +93,7 @@ def _check_tensors(hidden, weight, targets, bias, token_weights, target_probs):
         raise ValueError(f"hidden must be a floating tensor, got dtype {hidden.dtype}")
     if weight.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"weight must be a floating tensor, got dtype {weight.dtype}")
-    if weight.numel() == 0:
+    if weight.numel() == 0 and not (empty_vocab_ok and weight.dim() == 2 and weight.shape[1] > 0):
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)}): a DeepSpeed ZeRO-3 partition read outside "
                          "its module's forward? Gather it first (deepspeed.zero.GatheredParameters) or call the op "
                          "from inside the module's forward")

@@ -60,7 +60,7 @@ def vocab_parallel_linear_cross_entropy(
     spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), float(logit_scale))
     _check_options(spec, "torch", num_items_in_batch)
-    _check_tensors(hidden, weight, targets, bias, token_weights, target_probs)
+    _check_tensors(hidden, weight, targets, bias, token_weights, target_probs, empty_vocab_ok=True)
     if not (0 <= vocab_start and vocab_start + weight.shape[0] <= vocab_size):
         raise ValueError(f"weight rows [{vocab_start}, {vocab_start + weight.shape[0]}) fall outside the vocabulary "
                          f"[0, {vocab_size})")
