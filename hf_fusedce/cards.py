@@ -81,8 +81,10 @@ def render_card(r: dict, doc: dict) -> str:
              f"## Tying default\n- `tie_word_embeddings` defaults to {tie} in the config class", "",
              "## Proof", f"- transformers {doc['transformers']}, torch {doc['torch']}, CPU, float32, backend=torch",
              f"- head variants proven: {', '.join(r['variants'])}",
-             "- patched vs stock: loss and every parameter gradient, with ignored tokens, mean and "
-             f"`num_items_in_batch`; max relative error {r['max_rel_err']:.1e} (tolerance {doc['tolerance']:g})"]
+             "- patched vs stock, training mode, every quirk at a non-trivial value: loss and every parameter "
+             "gradient, with ignored tokens, mean and `num_items_in_batch` (`padded`: also a padded batch with "
+             "`attention_mask`; `image`: also an image + text batch); max relative error "
+             f"{r['max_rel_err']:.1e} (tolerance {doc['tolerance']:g})"]
     if r["reason"]:
         lines.append(f"- note: {r['reason']}")
     lines += _trl_lines(r["model_type"])
