@@ -246,14 +246,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--md", help="write the table here (markdown)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every variant really compiles, ptxas logs
         os.environ["TRITON_CACHE_DIR"] = cache
         usages, probes, reuse_misses = compile_all(args.arch)
+    summary = (f"triton {triton.__version__}; {len(usages)} op kernel variants; recompiles by runtime options / "
+               f"chunk offsets {reuse_misses}")
     print(format_table(usages + probes))
-    print(f"triton {triton.__version__}; {len(usages)} op kernel variants; recompiles by runtime options / chunk offsets {reuse_misses}")
+    print(summary)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"# Row kernel compiled for CUDA without a GPU\n\n`python -m hf_fusedce.ops.cuda_aot "
+                    f"--arch {' '.join(map(str, args.arch))}`; {summary}. smem: Triton's shared memory; static: "
+                    f"the cubin's static section. CTA/SM: limited by registers only.\n\n```\n"
+                    f"{format_table(usages + probes)}\n```\n")
     problems = [p for u in usages for p in u.problems()]
     if not all(p.problems() for p in probes):
         problems.append("self-check: the spilling probe was not flagged; the checker is blind")
