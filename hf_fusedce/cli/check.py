@@ -9,27 +9,39 @@ def register(subparsers) -> None:
                               description=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model-type", action="append", help="a transformers model type (repeatable)")
-    what.add_argument("--all", action="store_true", help="every causal-LM family of the installed transformers")
+    what.add_argument("--all", action="store_true",
+                      help="every causal-LM family of the installed transformers (a line per family as it is "
+                           "proven, with a progress bar and ETA on stderr; minutes on a CPU)")
     what.add_argument("--model", help="path of a local checkpoint (loaded in float32, CPU)")
     p.add_argument("--batches", type=int, default=2, help="synthetic batches for --model")
     p.add_argument("--seq-len", type=int, default=32, help="sequence length for --model")
     p.set_defaults(func=run)
 
 
+def _line(r) -> str:
+    variants = ",".join(r.variants) or "-"
+    return f"{r.status:8s} {r.model_type:28s} {variants:22s} max_rel_err={r.max_rel_err:.1e} {r.reason}"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
     from transformers.utils import logging
     logging.set_verbosity_error()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from hf_fusedce.hf import proof
+    results = []
     if args.model:
-        results = [proof.prove_checkpoint(args.model, batches=args.batches, seq_len=args.seq_len)]
+        results.append(proof.prove_checkpoint(args.model, batches=args.batches, seq_len=args.seq_len))
+        print(_line(results[-1]))
     else:
         types = sorted(proof.causal_lm_types()) if args.all else args.model_type
-        results = [proof.prove(t) for t in types]
-    for r in results:
-        variants = ",".join(r.variants) or "-"
-        print(f"{r.status:8s} {r.model_type:28s} {variants:22s} max_rel_err={r.max_rel_err:.1e} {r.reason}")
+        # Each family's line is printed as soon as it is proven; the bar (stderr) shows progress and the ETA.
+        with tqdm(types, unit="family", disable=len(types) < 2, dynamic_ncols=True) as bar:
+            for model_type in bar:
+                bar.set_postfix_str(model_type)
+                results.append(proof.prove(model_type))
+                bar.write(_line(results[-1]))
     counts = {s: sum(r.status == s for r in results) for s in ("proven", "skipped", "refused", "failed")}
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
     return 1 if counts["failed"] or (args.model and counts["proven"] == 0) else 0

@@ -1,6 +1,8 @@
 """`hf-fusedce demo`: stock vs fused loss head on a small Llama with a real 32k vocabulary, offline."""
 from __future__ import annotations
 
+import sys
+
 
 def register(subparsers):
     from ..demo.runner import DemoOptions
@@ -22,7 +24,7 @@ def register(subparsers):
     p.add_argument("--layers", type=int, default=d.layers, help="default %(default)s")
     p.add_argument("--lr", type=float, default=d.lr, help="default %(default)s")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device,
                    help="default %(default)s: a GPU if there is one")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (looser agreement tolerance)")
@@ -34,11 +36,16 @@ def register(subparsers):
 
 
 def _run(args) -> int:
-    from ..demo.runner import DemoOptions, run_demo
+    from ..demo.runner import DemoOptions, resolve_device, run_demo
 
     opt = DemoOptions(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, vocab_size=args.vocab_size,
                       hidden_size=args.hidden_size, layers=args.layers, lr=args.lr, grad_accum=args.grad_accum,
                       seed=args.seed, out=args.out, device=args.device, bf16=args.bf16, plot=not args.no_plot,
                       quiet=args.quiet)
+    try:
+        resolve_device(opt)
+    except ValueError as err:  # --device cuda without CUDA
+        print(f"hf-fusedce demo: error: {err}", file=sys.stderr)
+        return 2
     res = run_demo(opt)
     return 0 if res["agree"] else 1

@@ -31,11 +31,14 @@ class DemoOptions:
     quiet: bool = False
 
 
-def _device(opt: DemoOptions) -> str:
+def resolve_device(opt: DemoOptions) -> str:
     import torch
 
     if opt.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if opt.device == "cuda" and not torch.cuda.is_available():  # else it would train on CPU and report "CUDA"
+        raise ValueError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); use --device cpu "
+                         "or auto")
     return opt.device
 
 
@@ -100,7 +103,7 @@ def run_one(label: str, fused: bool, opt: DemoOptions, dataset, vocab_size: int)
     from ..trainer import FusedCETrainer
     from .model import build_tiny_llama
 
-    device = _device(opt)
+    device = resolve_device(opt)
     model = build_tiny_llama(seed=opt.seed, vocab_size=vocab_size, hidden_size=opt.hidden_size,
                              num_layers=opt.layers, num_heads=max(opt.hidden_size // 64, 1),
                              num_kv_heads=max(opt.hidden_size // 128, 1), max_position=max(opt.seq_len, 256))
@@ -144,7 +147,7 @@ def _stock_skip_reason(opt: DemoOptions, vocab: int) -> str | None:
     skip it, saying why (the head's exact allocation formula). On CUDA an OOM is an exception."""
     from .. import memory
 
-    if _device(opt) == "cuda":
+    if resolve_device(opt) == "cuda":
         return None
     need = memory.stock_head_peak_bytes(opt.batch_size * opt.seq_len, vocab, opt.hidden_size,
                                         2 if opt.bf16 else 4, autocast=opt.bf16)
@@ -267,16 +270,17 @@ def run_demo(opt: DemoOptions) -> dict:
     import datasets
 
     t_start = time.perf_counter()
+    resolve_device(opt)  # refuses a device that is not there before any work
     os.makedirs(opt.out, exist_ok=True)
     datasets.disable_progress_bars()  # data prep takes a second; keep the output to the two training bars
-    if _device(opt) == "cuda":
+    if resolve_device(opt) == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     tok = build_tokenizer(opt.vocab_size)
     vocab = max(opt.vocab_size, len(tok))
     dataset = build_dataset(tok, opt.seq_len, min_sequences=opt.batch_size * opt.grad_accum)
     if not opt.quiet:
-        print(f"hf_fusedce demo on {_device(opt)}: tokenizer {len(tok):,} tokens, model vocab {vocab:,}, "
+        print(f"hf_fusedce demo on {resolve_device(opt)}: tokenizer {len(tok):,} tokens, model vocab {vocab:,}, "
               f"{len(dataset)} packed SFT sequences of {opt.seq_len} tokens (labels on responses only)")
     skip = _stock_skip_reason(opt, vocab)
     if skip is None:
@@ -288,7 +292,7 @@ def run_demo(opt: DemoOptions) -> dict:
             print(f"stock run skipped: {skip}")
     fused = run_one("fused", True, opt, dataset, vocab)
     tol = 2e-2 if opt.bf16 else 1e-3
-    res = {"options": asdict(opt), "device": _device(opt), "vocab_size": vocab, "tokenizer_size": len(tok),
+    res = {"options": asdict(opt), "device": resolve_device(opt), "vocab_size": vocab, "tokenizer_size": len(tok),
            "stock": stock, "fused": fused, "compare": compare(stock, fused), "tolerance": tol}
     finite = all(map(math.isfinite, fused["losses"]))
     res["agree"] = finite if skip else bool(res["compare"]["max_rel_loss_diff"] <= tol) and finite

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from ..ops.chunking import check_budget
 from . import gather
 from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, PLAIN, REFUSED, HeadSpec, model_type_of
@@ -102,7 +103,23 @@ def _warn_if_unproven(model_type: str) -> None:
                       f"with `hf-fusedce check --model PATH` before training.", stacklevel=4)
 
 
+def _check_model(target):
+    """Clear errors for what is not a loaded causal LM: any other object, or weights still on the meta device
+    (accelerate's offload hooks, which load them per forward, are fine)."""
+    if not isinstance(target, torch.nn.Module) or not callable(getattr(target, "get_output_embeddings", None)):
+        raise TypeError(f"hf_fusedce.patch expects a transformers causal LM (a PreTrainedModel, or a PeftModel "
+                        f"around one), got {type(target).__name__}: {target!r:.80}")
+    head = target.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.device.type == "meta" and not hasattr(head, "_hf_hook"):
+        raise ValueError("hf_fusedce.patch: the model's weights are on the meta device (built under "
+                         "init_empty_weights or device_map='meta'?); load real weights first (from_pretrained, or "
+                         "to_empty + load_state_dict), then patch")
+
+
 def _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force=False) -> FusedOptions:
+    if chunk_budget_bytes is not None:
+        check_budget(chunk_budget_bytes, stacklevel=5)  # a bad budget fails at patch time, not at the first training step
     return FusedOptions(backend, chunk_budget_bytes, float(z_loss), float(label_smoothing), bool(return_logits),
                         bool(force))
 
@@ -182,6 +199,7 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
         _patch_classes(options)
         return None
     target = unwrap(model)
+    _check_model(target)
     spec = _spec(target, force)
     current = _installed(target)
     if current is not None:  # patching twice == once: only the options are refreshed
