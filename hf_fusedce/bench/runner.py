@@ -24,6 +24,7 @@ from hf_fusedce.memory import measure_peak
 
 from .impls import Impl
 from .reference import Reference, chunked_reference, compare
+from .report import MEMORY_KEY, MEMORY_LABEL
 from .shapes import DtypeMode, Shape
 
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
@@ -264,7 +265,7 @@ def _impl_fields(impl: Impl, device) -> dict:
 def _brief(rec: dict) -> str:
     if rec.get("status") != "ok":
         return rec.get("status", "?")
-    s = f"{rec['fwd_bwd_ms']:9.2f} ms  peak {rec['peak_mem_bytes'] / 2**20:9.1f} MiB"
+    s = f"{rec['fwd_bwd_ms']:9.2f} ms  {MEMORY_LABEL} {rec[MEMORY_KEY] / 2**20:9.1f} MiB"
     if rec.get("dw_rel_err") is not None:
         s += f"  err loss {rec['loss_rel_err']:.1e} dh {rec['dh_rel_err']:.1e} dW {rec['dw_rel_err']:.1e}"
     return s

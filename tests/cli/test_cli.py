@@ -58,3 +58,11 @@ def test_demo_on_cuda_without_cuda_is_refused(tmp_path, capsys):
     assert main(["demo", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_bench_console_reports_the_memory_the_png_plots():
+    from hf_fusedce.bench import report, runner
+
+    rec = {"status": "ok", "fwd_bwd_ms": 1.0, "peak_mem_bytes": 3 * 2**20, report.MEMORY_KEY: 2**20}
+    line = runner._brief(rec)
+    assert report.MEMORY_LABEL in line and "1.0 MiB" in line and "3.0 MiB" not in line
