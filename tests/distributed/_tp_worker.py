@@ -6,7 +6,7 @@ the test asserts.
 * op: `vocab_parallel_linear_cross_entropy` on this rank's slice (torch's Shard(0) split, uneven vocabularies,
   empty slices) against the single-device op on the full weight and the float64 reference, every option:
   loss, dh (summed over ranks), dW and db of the slice; FLOPs of the op per rank vs the single-device op.
-* hf: tiny Llamas (untied and tied; a vocabulary that does not split evenly) loaded with
+* hf: tiny Llamas (untied and tied) and a Gemma2 (tied, softcap; a vocabulary that does not split evenly) loaded with
   `from_pretrained(dir, tp_plan="auto")`, stock vs `hf_fusedce.patch`: loss and every parameter's local gradient
   shard, the largest tensor allocated per rank during the patched step (hf_fusedce.memory's live-tensor tracker),
   that the fused path ran, and return_logits.
@@ -146,17 +146,21 @@ def _watch_head(head):
 HF_VOCAB, HF_DIM = 1001, 32
 
 
-def save_tiny_llamas(root, rank):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_tiny_models(root, rank) -> dict:
+    """Untied and tied Llamas, and a Gemma2 (tied, final-logit softcap 5: a head quirk under TP)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    dirs = {tied: os.path.join(root, f"llama_tied{tied}") for tied in (0, 1)}
+    common = dict(vocab_size=HF_VOCAB, hidden_size=HF_DIM, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    builders = {"llama_untied": lambda: LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common)),
+                "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common)),
+                "gemma2_softcap": lambda: Gemma2ForCausalLM(Gemma2Config(head_dim=8, final_logit_softcapping=5.0,
+                                                                         **common))}
+    dirs = {name: os.path.join(root, name) for name in builders}
     if rank == 0:
-        for tied, path in dirs.items():
-            torch.manual_seed(tied)
-            cfg = LlamaConfig(vocab_size=HF_VOCAB, hidden_size=HF_DIM, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=bool(tied),
-                              max_position_embeddings=64)
-            LlamaForCausalLM(cfg).save_pretrained(path)
+        for i, (name, build) in enumerate(builders.items()):
+            torch.manual_seed(i)
+            build().save_pretrained(dirs[name])
     dist.barrier()
     return dirs
 
@@ -289,11 +293,11 @@ def main(argv=None):
     result["op_f64_tiny_vocab"] = check_op(world - 1 if world > 2 else 3, torch.float64, rank, world)
     result["op_flops"] = op_flops(rank, world)
     result["refusals"] = refusals(rank, world)
-    dirs = save_tiny_llamas(a.out, rank)
-    for tied, path in dirs.items():
-        result[f"hf_tied{tied}"] = check_hf(path, world)
+    dirs = save_tiny_models(a.out, rank)
+    for name, path in dirs.items():
+        result[f"hf_{name}"] = check_hf(path, world)
     if world == 4:
-        result["fsdp_x_tp"] = check_fsdp_x_tp(dirs[0], rank)
+        result["fsdp_x_tp"] = check_fsdp_x_tp(dirs["llama_untied"], rank)
     torch.save(result, os.path.join(a.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
