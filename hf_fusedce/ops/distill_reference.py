@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .reference import reduce_per_token
+
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
     """Per row: beta=0 KL(p_t || p_s), beta=1 KL(p_s || p_t), else beta KL(p_t || m) + (1-beta) KL(p_s || m) with
@@ -45,13 +47,4 @@ def reference_linear_distillation(
         if hard_label_weight:
             safe = torch.where(valid, ids, torch.zeros_like(ids)).long()
             per_token = per_token + hard_label_weight * F.cross_entropy(zs, safe, reduction="none")
-    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
-    if reduction == "none":
-        return per_token.reshape(lead)
-    total = per_token.sum()
-    if num_items_in_batch is not None:
-        denom = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
-        return total / denom.clamp(min=1)
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp(min=1).to(total.dtype)
+    return reduce_per_token(per_token, valid, lead, reduction, num_items_in_batch)

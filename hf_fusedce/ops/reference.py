@@ -67,6 +67,11 @@ def reference_linear_cross_entropy(
         per_token = per_token + z_loss * lse.square()
     if token_weights is not None:
         per_token = per_token * token_weights.reshape(-1).to(per_token.dtype)
+    return reduce_per_token(per_token, valid, lead, reduction, num_items_in_batch)
+
+
+def reduce_per_token(per_token, valid, lead, reduction, num_items_in_batch):
+    """Zeros at ignored tokens, then none (shape `lead`) / sum / sum over num_items_in_batch / mean over valid."""
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
     if reduction == "none":
         return per_token.reshape(lead)
