@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
@@ -156,13 +155,6 @@ def run_tp(case: Case, tps: list[int]) -> list[dict]:
     return records
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return f"loadavg {os.getloadavg()}"
-
-
 def markdown(doc: dict) -> str:
     env, case = doc["environment"], doc["case"]
     lines = [f"# hf-fusedce bench --op tp ({env['device']}, {env['date']})", "",
@@ -188,6 +180,7 @@ def markdown(doc: dict) -> str:
 
 
 def run(args, device, command) -> int:
+    from hf_fusedce.bench.distill import _uptime  # the same load line as the distillation bench
     from hf_fusedce.bench.runner import environment
     from hf_fusedce.bench.shapes import parse_shape
 
