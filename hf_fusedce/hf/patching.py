@@ -245,15 +245,16 @@ def globally_patched() -> bool:
 
 
 @contextlib.contextmanager
-def patched(model, **options):
-    """`with patched(model): ...` patches for the block only (a model already patched stays patched)."""
+def patched(model, _patch=None, _unpatch=None, **options):
+    """`with patched(model): ...` patches for the block only (a model already patched stays patched).
+    `_patch` / `_unpatch`: the layer above's (hf_fusedce.integrations) patch and unpatch, same contract."""
     was = _installed(unwrap(model)) is not None
-    patch(model, **options)
+    (_patch or patch)(model, **options)
     try:
         yield model
     finally:
         if not was:
-            unpatch(model)
+            (_unpatch or unpatch)(model)
 
 
 # ---- class-level patching: patch() with no model ------------------------------------------------------------

@@ -7,7 +7,6 @@ once, by name, at the first training forward (`is_patched` is then False).
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -37,16 +36,9 @@ def unpatch(model=None):
     return patching.unpatch(model)
 
 
-@contextlib.contextmanager
 def patched(model, **options):
     """`with patched(model): ...` patches for the block only (a model already patched stays patched)."""
-    was = patching._installed(patching.unwrap(model)) is not None
-    patch(model, **options)
-    try:
-        yield model
-    finally:
-        if not was:
-            unpatch(model)
+    return patching.patched(model, _patch=patch, _unpatch=unpatch, **options)
 
 
 def defining_module(fwd) -> str:

@@ -61,34 +61,20 @@ def _common(tmp_path, name):
                 bf16=False)  # TRL's configs default to bf16 (CPU autocast): compare in fp32
 
 
-def test_dpo_matches_trl_head(tokenizer, records, tmp_path, op_spy):
-    from trl import DPOConfig, DPOTrainer
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_preference_trainer_matches_trl_head(tokenizer, records, tmp_path, op_spy, name):
+    import trl
+    config_cls, trainer_cls = (trl.DPOConfig, trl.DPOTrainer) if name == "dpo" else (trl.KTOConfig, trl.KTOTrainer)
+    data = _pairs(records) if name == "dpo" else _unpaired(records)
 
     def make(model, ref):
-        args = DPOConfig(max_length=64, **_common(tmp_path, "dpo"))
-        return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=_pairs(records),
-                          processing_class=tokenizer)
+        args = config_cls(max_length=64, **_common(tmp_path, name))
+        return trainer_cls(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)
 
     stock, _ = _run(make, tokenizer, patch=False)
     ours, steps = _run(make, tokenizer, patch=True)
     assert hf_fusedce.is_patched(ours.model) and hf_fusedce.is_patched(ours.ref_model)
-    assert op_spy.calls >= 4  # policy and reference each step
-    _compare(ours, stock)
-    assert steps.ratio < 0.5
-
-
-def test_kto_matches_trl_head(tokenizer, records, tmp_path, op_spy):
-    from trl import KTOConfig, KTOTrainer
-
-    def make(model, ref):
-        args = KTOConfig(max_length=64, **_common(tmp_path, "kto"))
-        return KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=_unpaired(records),
-                          processing_class=tokenizer)
-
-    stock, _ = _run(make, tokenizer, patch=False)
-    ours, steps = _run(make, tokenizer, patch=True)
-    assert hf_fusedce.is_patched(ours.model)
-    assert op_spy.calls >= 4
+    assert op_spy.calls >= 4  # policy and reference, each step
     _compare(ours, stock)
     assert steps.ratio < 0.5
 

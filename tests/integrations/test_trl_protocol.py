@@ -113,3 +113,19 @@ def test_label_smoothing_log_probs_are_the_smoothed_likelihood():
     finally:
         trl_integration._LABEL_SMOOTHING.reset(token)
     assert rel_err(-out.log_probs.sum() / out.label_mask.sum(), stock) < 1e-6
+
+
+def test_global_patch_serves_trl_head(op_spy):
+    import trl.trainer.utils as tu
+    hf_fusedce.patch()
+    try:
+        model = tiny_llama(_Tok())
+        tu.add_fused_lm_head(model, **HEAD)
+        assert hf_fusedce.is_patched(model) and "forward" not in model.__dict__  # the class forward serves it
+        _assert_same(_outputs_and_grads(model), _trl_reference())
+        assert op_spy.calls == 1
+    finally:
+        hf_fusedce.unpatch()
+    with hf_fusedce.patched(model):
+        assert hf_fusedce.is_patched(model)
+    assert not hf_fusedce.is_patched(model)
