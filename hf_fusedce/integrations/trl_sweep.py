@@ -35,10 +35,13 @@ def _loss_and_grads(model, ids, labels, **kw):
 
 
 def _error(loss, grads, stock_loss, stock_grads) -> float:
-    from ..hf.proof import rel_err
+    """The proof's rule: relative error against max(|stock|, proof.FLOOR) (analytically zero gradients are noise)."""
+    from ..hf.proof import FLOOR
+    from ..testing import rel_err
     if set(grads) != set(stock_grads):
         return float("inf")
-    return max([rel_err(loss, stock_loss)] + [rel_err(grads[n], g) for n, g in stock_grads.items()])
+    return max([rel_err(loss, stock_loss, floor=FLOOR)]
+               + [rel_err(grads[n], g, floor=FLOOR) for n, g in stock_grads.items()])
 
 
 def _outcome(fn, stock) -> dict:
