@@ -137,16 +137,21 @@ def stock_head_peak_bytes(tokens: int, vocab: int, hidden: int, compute_bytes: i
     return max(phases) + 8  # + the summed loss and the mean, float32 scalars
 
 
-def available_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
+def _proc_kib_field(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a Linux /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         return None
     return None
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    return _proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def reset_rss_peak() -> bool:
@@ -161,14 +166,7 @@ def reset_rss_peak() -> bool:
 
 def rss_peak_bytes() -> int | None:
     """VmHWM from /proc/self/status (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
+    return _proc_kib_field("/proc/self/status", "VmHWM")
 
 
 def rss_bytes() -> int:

@@ -5,27 +5,23 @@ import copy
 
 import pytest
 import torch
-from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM, LlamaConfig,
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM,
                           LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import hf_fusedce
-from hf_fusedce.hf.proof import rel_err
+from hf_fusedce import testing
+from hf_fusedce.testing import rel_err
 
 TOL = 1e-5
 
 
 def tiny_llama(tie=False):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+    return testing.tiny_llama(tie=tie, num_hidden_layers=1)
 
 
 def data():
-    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[0, :3] = -100
-    return ids, labels
+    return testing.tiny_batch(prompt=3)
 
 
 def loss_and_grads(model, **kw):

@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from hf_fusedce import FusedCETrainer  # noqa: E402
 from hf_fusedce.callback import FusedCEConfig  # noqa: E402
 from hf_fusedce.demo.model import build_tiny_llama  # noqa: E402
-from hf_fusedce.hf.proof import rel_err  # noqa: E402
+from hf_fusedce.testing import rel_err  # noqa: E402
 from hf_fusedce.memory import measure_peak  # noqa: E402
 
 VOCAB, SEQ, ROWS, BATCH = 8192, 256, 4, 2
