@@ -107,13 +107,16 @@ def main(argv=None):
         remove_unused_columns=False, optim="sgd",
     )
     grab = GradGrab()
-    trainer = Recorder(model=model, args=args, train_dataset=samples(), callbacks=[grab])
+    memory = hf_fusedce.FusedCEMemoryCallback()  # its keys and probe, reduced over the ranks
+    trainer = Recorder(model=model, args=args, train_dataset=samples(), callbacks=[grab, memory])
     trainer.records = []
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     torch.save({"records": trainer.records, "grads": grab.grads, "head_weight_kind": grab.head_weight_kind,
                 "world_size": int(os.environ.get("WORLD_SIZE", "1")), "fused_calls": fused_path.call_count,
-                "wrapped": type(trainer.model_wrapped).__name__, "model_class": type(trainer.model).__name__},
+                "wrapped": type(trainer.model_wrapped).__name__, "model_class": type(trainer.model).__name__,
+                "fusedce_logs": [h for h in trainer.state.log_history if "fusedce/tokens_per_sec" in h],
+                "fusedce_probe": memory.probe, "fusedce_tokens": memory.summary["training"]["tokens"]},
                os.path.join(a.out, f"rank{rank}.pt"))
 
 

@@ -123,6 +123,11 @@ def test_ddp_trainer_two_cpu_ranks_match_single_process(tmp_path):
     ranks = accelerate_run("ddp.yaml", tmp_path, 2, "--tied", "1")
     assert all(r["wrapped"] == "DistributedDataParallel" for r in ranks)
     check_against_reference(ranks, tied=True)
+    # FusedCEMemoryCallback under DDP: keys on every rank, the probe and the token count reduced over ranks
+    assert all(len(r["fusedce_logs"]) == 2 and r["fusedce_probe"]["ranks"] == 2 for r in ranks)
+    assert all(r["fusedce_probe"]["fused_peak_bytes"] > 0 for r in ranks)
+    rank_tokens = [sum(int(rec["input_ids"].numel()) for rec in r["records"]) for r in ranks]
+    assert ranks[0]["fusedce_tokens"] == ranks[1]["fusedce_tokens"] > max(rank_tokens)
 
 
 @pytest.mark.parametrize("tied", [1, 0], ids=["tied", "untied"])
