@@ -5,7 +5,8 @@ Every implementation computes the same loss (TRL's generalized JSD, mean over to
 states and head (gradients) and the teacher's (constants). Peak memory is what the step allocates above its inputs
 (CUDA allocator / CPU live-tensor tracker); "above inputs+grads" also subtracts the gradients the step must return.
 The floor is the four bare GEMMs every exact method needs (student logits, teacher logits, dh, dW: 8*N*D*V FLOPs
-with Dt = D), timed on the same tensors. The float64 error is measured on the first `--err-rows` tokens.
+with Dt = D), timed on the same tensors. Timing is round-robin (each round runs every implementation once), so a
+drifting machine load hits all of them alike. The float64 error is measured on the first 512 tokens.
 """
 from __future__ import annotations
 
@@ -95,26 +96,35 @@ def _time(step, device, warmup, repeats) -> list[float]:
     return times
 
 
-def measure_impl(name, case, inputs, device, warmup, repeats) -> dict:
+def measure_memory(name, case, inputs, device) -> dict:
     fn = IMPLS[name]
-    s_h, s_w, t_h, t_w = inputs
-    rec = {"record": "distill", "impl": name, "status": "ok"}
-    try:
-        times = _time(lambda: _step(fn, *inputs, case), device, warmup, repeats)
-        free_memory(device)
-        with measure_peak(device) as reading:
-            _step(fn, *inputs, case)
-        grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (s_h, s_w))
-        rec.update({"fwd_bwd_s": statistics.median(times), "times_s": [round(t, 4) for t in times],
-                    "peak_mem_bytes": int(reading.peak_bytes), "grad_bytes": grad_bytes,
-                    "peak_above_grads_bytes": int(reading.peak_bytes) - grad_bytes, "mem_method": reading.method,
-                    "loadavg_1m_at_measure": round(os.getloadavg()[0], 2)})
-    except Exception as err:  # noqa: BLE001 - a failure is a record, not a crash
-        rec = {"record": "distill", "impl": name, "status": f"error: {type(err).__name__}: {str(err)[:300]}"}
-    finally:
-        s_h.grad = s_w.grad = None
-        free_memory(device)
-    return rec
+    s_h, s_w, _, _ = inputs
+    free_memory(device)
+    with measure_peak(device) as reading:
+        _step(fn, *inputs, case)
+    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in (s_h, s_w))
+    s_h.grad = s_w.grad = None
+    free_memory(device)
+    return {"peak_mem_bytes": int(reading.peak_bytes), "grad_bytes": grad_bytes,
+            "peak_above_grads_bytes": int(reading.peak_bytes) - grad_bytes, "mem_method": reading.method}
+
+
+def time_round_robin(steps: dict, device, warmup, repeats) -> dict:
+    """Each round times every implementation once, in turn: on a shared machine whose load drifts over minutes,
+    every implementation then sees the same load (a run of one impl after the other would not)."""
+    times = {name: [] for name in steps}
+    loads = {name: [] for name in steps}
+    for round_index in range(warmup + repeats):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                loads[name].append(round(os.getloadavg()[0], 2))
+    return {name: {"fwd_bwd_s": statistics.median(t), "times_s": [round(x, 4) for x in t],
+                   "loadavg_1m_at_measure": loads[name]} for name, t in times.items()}
 
 
 def float64_errors(name, case, inputs, rows) -> dict:
@@ -132,22 +142,24 @@ def run_case(case: Case, device, *, warmup=1, repeats=3, err_rows=512, seed=0, i
     inputs = make_inputs(case, device, seed)
     common = {"N": case.n, "D": case.d, "Dt": case.dt, "V": case.v, "beta": case.beta,
               "temperature": case.temperature, "dtype": str(case.dtype).replace("torch.", "")}
+    s_h, s_w, t_h, t_w = (t.detach() for t in inputs)
+    bufs = [torch.empty(case.n, case.v, dtype=case.dtype, device=device) for _ in range(2)]
+    grads = torch.empty_like(s_h), torch.empty_like(s_w)
+    floor = "floor (4 GEMMs, 8NDV)"
+    steps = {name: (lambda fn=IMPLS[name]: _step(fn, *inputs, case)) for name in impls}
+    steps[floor] = lambda: _floor_step(s_h, s_w, t_h, t_w, *bufs, *grads)
+    log(f"[distill] timing {', '.join(steps)} round-robin, N={case.n} D={case.d} V={case.v} beta={case.beta}")
+    timed = time_round_robin(steps, device, warmup, repeats)
+    del bufs, grads
     records = []
-    for name in impls:
-        log(f"[distill] {name} N={case.n} D={case.d} V={case.v} beta={case.beta}")
-        rec = {**common, **measure_impl(name, case, inputs, device, warmup, repeats)}
-        if rec["status"] == "ok":
+    for name in (*impls, floor):
+        rec = {**common, "record": "distill", "impl": name, "status": "ok", **timed[name]}
+        if name != floor:
+            log(f"[distill] memory and float64 error of {name}")
+            rec.update(measure_memory(name, case, inputs, device))
             rec.update(float64_errors(name, case, inputs, min(err_rows, case.n)))
             rec["err_rows"] = min(err_rows, case.n)
         records.append(rec)
-    s_h, s_w, t_h, t_w = (t.detach() for t in inputs)
-    bufs = [torch.empty(case.n, case.v, dtype=case.dtype, device=device) for _ in range(2)]
-    dh, dw = torch.empty_like(s_h), torch.empty_like(s_w)
-    times = _time(lambda: _floor_step(s_h, s_w, t_h, t_w, *bufs, dh, dw), device, warmup, repeats)
-    records.append({**common, "record": "distill", "impl": "floor (4 GEMMs, 8NDV)", "status": "ok",
-                    "fwd_bwd_s": statistics.median(times), "times_s": [round(t, 4) for t in times]})
-    del bufs
-    free_memory(device)
     _annotate(records)
     return records
 

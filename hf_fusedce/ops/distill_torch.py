@@ -34,8 +34,9 @@ def _acc_dtype(z: torch.Tensor) -> torch.dtype:
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_j a_ij b_ij per row, as one batched GEMV (no (n, V) temporary)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """sum_j a_ij b_ij per row. A product then torch's cascade sum: a batched GEMV (bmm) accumulates V terms one
+    after the other and lost 1e-5 relative at V=32000."""
+    return (a * b).sum(1)
 
 
 def _scaled_log_softmax(x: torch.Tensor, inv_t: float, acc: torch.dtype) -> torch.Tensor:
