@@ -250,3 +250,18 @@ def test_entropy_sum_from_the_same_pass(backend, beta):
     log_p = torch.log_softmax((hs.double().reshape(-1, D) @ ws.double().t()) / 1.9, -1)
     want = (-(log_p.exp() * log_p).sum(-1))[targets.reshape(-1) != -100].sum()
     assert rel_err(entropy_sum, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_large_vocabulary_keeps_float32_accuracy(backend, beta):
+    """V = 32000: per-row sums over the vocabulary must not drift (a sequential dot product lost 1e-5 here)."""
+    g = torch.Generator().manual_seed(4)
+    hs, ws = torch.randn(6, 16, generator=g), torch.randn(32000, 16, generator=g) * 0.8
+    ht, wt = torch.randn(6, 24, generator=g), torch.randn(32000, 24, generator=g)
+    results = []
+    for fn, dtype in ((ours(backend, budget=None), torch.float32), (reference_linear_distillation, torch.float64)):
+        h = hs.to(DEVICE, dtype).requires_grad_()
+        loss = fn(h, ws.to(DEVICE, dtype), ht.to(DEVICE, dtype), wt.to(DEVICE, dtype), beta=beta, temperature=1.3)
+        results.append((loss.detach(), torch.autograd.grad(loss, h)[0]))
+    assert rel_err(results[0][0], results[1][0]) <= 1e-5 and rel_err(results[0][1], results[1][1]) <= 1e-5
