@@ -5,9 +5,9 @@ g^T h computed four ways and compared with float64 on the same inputs by relativ
   stock:   one GEMM over all N rows (fp32 accumulation inside, one rounding), what materialized logits give;
   native:  the chunk loop's accumulation in the weight's dtype (`dw_accumulation="native"`), c chunks;
   fp32:    the chunk loop's fp32 accumulator, cast once at the end (`dw_accumulation="fp32"`), c chunks; on CPU
-           each chunk's GEMM output is rounded to the weight's dtype first (no mixed-dtype GEMM here);
-  fp32 (CUDA): the same with each chunk's product kept in fp32, as CUDA's mixed-dtype addmm does (emulated by
-           an fp32 GEMM of the same low-precision inputs; not run on a GPU).
+           an fp32 GEMM of the upcast operands (no mixed-dtype GEMM here);
+  fp32 (CUDA): each chunk's product kept in fp32, as CUDA's mixed-dtype addmm does (emulated by an fp32 GEMM of
+           the same low-precision inputs; not run on a GPU).
 The chunked CPU variants run the loop's own `_accumulate_dw` / `_finish`.
 
     python -m hf_fusedce.bench.dw_precision [--out DIR]   (writes results.json and results.md)

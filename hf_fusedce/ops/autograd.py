@@ -125,11 +125,9 @@ def _accumulate_dw(dw, g, hc, first: bool):
             return
         except (RuntimeError, TypeError):  # this build lacks the kernel: remember, use the fallback
             _MIXED_ADDMM["ok"] = False
-    # no mixed-dtype GEMM here (CPU, older torch): low-precision GEMM, then fp32 sum
-    if first:
-        dw.copy_(g.t() @ hc)
-    else:
-        dw += g.t() @ hc
+    # no mixed-dtype GEMM here (CPU, older torch): an fp32 GEMM of the upcast operands, the same exact products
+    # and fp32 sums as the mixed GEMM (a chunk-sized fp32 copy of g, no V x D temporary)
+    dw.addmm_(g.t().to(dw.dtype), hc.to(dw.dtype), beta=beta)
 
 
 _MIXED_ADDMM = {"ok": "dtype_out" in torch.ops.aten.addmm.overloads()}
