@@ -21,10 +21,10 @@ def _one_layer(model_type):
             setattr(text, key, 1)
     if getattr(text, "layer_types", None):
         text.layer_types = text.layer_types[:1]
-    # GPT2LMHeadModel's class name matches no LOSS_MAPPING key: stock logs a warning in its loss_function, which
-    # dynamo cannot trace (the stock model would not compile); name the loss it uses anyway
-    config.loss_type = "ForCausalLM"
-    return proof.build(model_type, config=config)
+    model = proof.build(model_type, config=config)
+    if model.loss_type is None:  # GPT2LMHeadModel matches no LOSS_MAPPING key: stock's loss_function logs a
+        model.loss_type = "ForCausalLM"  # warning dynamo cannot trace; name the loss it falls back to anyway
+    return model
 
 
 def _compiled_loss_and_grads(model, ids, labels, backend):
