@@ -71,8 +71,9 @@ def test_records_are_honest(matrix_run):
     for n in (128, 512):
         floor = _rec(doc, "floor", n)
         assert floor["status"] == "ok" and floor["x_3gemm"] == 1.0
-        # x floor: 6*N*D*V at the GEMM rate measured in the same run; the 3 GEMMs cannot beat it by much
-        assert floor["x_floor"] == pytest.approx(floor["gemm_tflops"] / floor["tflops_6ndv"]) and floor["x_floor"] > 0.5
+        # x floor: time over 6*N*D*V at the GEMM rate measured in the same run (a timing: no bound asserted)
+        assert floor["gemm_tflops"] > 0
+        assert floor["x_floor"] == pytest.approx(floor["gemm_tflops"] / floor["tflops_6ndv"])
         for impl in ("ours-torch", "stock", "trl-chunked"):
             assert _rec(doc, impl, n)["status"] == "ok"
         # peers that need CUDA or are absent say so instead of vanishing
