@@ -1,0 +1,30 @@
+"""`hf-fusedce bench --op distill` at a tiny shape: every implementation measured, ratios and errors recorded."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("trl")
+
+
+def test_bench_distill_writes_every_implementation(tmp_path):
+    from hf_fusedce.cli.main import main
+
+    out = str(tmp_path / "distill")
+    assert main(["bench", "--op", "distill", "--n", "64", "--shapes", "32x500", "--beta", "0,0.5",
+                 "--repeats", "1", "--warmup", "0", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        doc = json.load(f)
+    assert doc["command"][:2] == ["hf-fusedce", "bench"] and "distill" in doc["command"]
+    recs = doc["records"]
+    assert {r["impl"] for r in recs} == {"ours", "trl-chunked", "materialized", "floor (4 GEMMs, 8NDV)"}
+    assert all(r["status"] == "ok" for r in recs) and len(recs) == 8
+    for r in recs:
+        if r["impl"] != "floor (4 GEMMs, 8NDV)":
+            assert max(r["rel_err_loss"], r["rel_err_dh"], r["rel_err_dw"]) < 1e-5, r
+            assert r["peak_above_grads_bytes"] > 0
+    ours = [r for r in recs if r["impl"] == "ours"]
+    assert all(r["peak_above_grads_vs_materialized"] < 1.0 for r in ours)
+    assert "| ours |" in open(os.path.join(out, "results.md")).read()
