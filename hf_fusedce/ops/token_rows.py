@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .spec import RowInputs
+from .torch_impl import transform_
 
 # Columns of the per-row statistics buffer.
 STAT_COLUMNS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -64,14 +65,9 @@ def working_bytes_per_logit(spec: TokenSpec, chunk_dtype: torch.dtype) -> int:
 
 
 def _transform(z, spec: TokenSpec):
-    """x (float32 or float64, possibly z itself) and the tanh values kept for the chain rule."""
-    x = z if z.dtype in (torch.float32, torch.float64) else z.float()
-    if spec.logit_scale != 1.0:
-        x.mul_(spec.logit_scale)
-    tanh = None
-    if spec.softcap is not None:
-        tanh = x.div_(spec.softcap).tanh_()
-        x = tanh * spec.softcap
+    """x (float32 or float64, possibly z itself) and the tanh values kept for the chain rule: the CE row
+    function's transform, then the temperature."""
+    x, tanh = transform_(z, spec)
     if spec.temperature != 1.0:
         x.div_(spec.temperature)
     return x, tanh
