@@ -57,9 +57,10 @@ def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args
     if not _should_fuse(model, spec, options, call, skip_logits):
         return original(**call)
     head = model.get_output_embeddings()
-    hidden, base_out = _capture(model, head, original, {**call, "labels": None} if "labels" in call else call)
+    stock_call = {**call, "labels": None} if "labels" in call else call
+    hidden, base_out = capture_head_input(model, head, original, stock_call)
     loss, logits = _head_loss(model, spec, options, head, hidden, call)
-    aux = _router_aux(model, spec, call, base_out)
+    aux = router_aux(model, spec, call, base_out)
     if aux is not None:
         loss = loss + resolve(model, spec.router_aux) * aux.to(loss.device)
     out = _output(base_out, loss, logits, aux)
@@ -115,7 +116,7 @@ def _unproven_multimodal(model, call) -> str | None:
             "(patch with force=True to fuse them anyway)")
 
 
-def _capture(model, head, original, call):
+def capture_head_input(model, head, original, call):
     """(head input, stock output) of the stock forward run on `call` with the head switched to capture."""
     call = dict(call)
     if "return_dict" in call:
@@ -127,7 +128,7 @@ def _capture(model, head, original, call):
     return hidden, base_out
 
 
-def _targets(model, spec, call, hidden):
+def head_targets(model, spec, call, hidden):
     labels, shift_labels = call.get("labels"), call.get("shift_labels")
     ignore_index = call.get("ignore_index", -100) if spec.shift else -100
     if not spec.shift:
@@ -192,7 +193,7 @@ def _full_operands(h2, weight, bias, vocab):
 
 
 def _head_loss(model, spec, options, head, hidden, call):
-    targets, ignore_index = _targets(model, spec, call, hidden)
+    targets, ignore_index = head_targets(model, spec, call, hidden)
     num_items = call.get("num_items_in_batch") if spec.shift else None
     t = head_transform(model, spec)
     softcap, scale = t.softcap, t.scale
@@ -241,7 +242,7 @@ def _detached_logits(h, weight, bias, softcap, scale):
     return softcap * torch.tanh(z / softcap) if softcap else z
 
 
-def _router_aux(model, spec, call, base_out):
+def router_aux(model, spec, call, base_out):
     if not spec.router_aux or base_out is None:
         return None
     wanted = call.get("output_router_logits")

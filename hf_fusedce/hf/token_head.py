@@ -13,7 +13,7 @@ import torch
 
 from ..ops import fused_linear_token_stats
 from . import gather
-from .forward import _capture, _router_aux, _targets, head_operands, head_transform
+from .forward import capture_head_input, head_operands, head_targets, head_transform, router_aux
 from .heads import resolve
 
 
@@ -30,8 +30,8 @@ class TokenHeadResult:
 def token_outputs(model, original, spec, options, call, *, outputs=("log_probs",), temperature=1.0,
                   label_smoothing=0.0, cast_to_fp32=False) -> TokenHeadResult:
     head = model.get_output_embeddings()
-    hidden, base_out = _capture(model, head, original, {**call, "labels": None, "use_cache": False})
-    targets, ignore_index = _targets(model, spec, call, hidden)
+    hidden, base_out = capture_head_input(model, head, original, {**call, "labels": None, "use_cache": False})
+    targets, ignore_index = head_targets(model, spec, call, hidden)
     if spec.shift and call.get("shift_labels") is None:  # the padded last position has no next token
         hidden, targets = hidden[..., :-1, :], targets[..., :-1]
     t = head_transform(model, spec)
@@ -48,6 +48,6 @@ def token_outputs(model, original, spec, options, call, *, outputs=("log_probs",
                 chunk_budget_bytes=options.chunk_budget_bytes)
 
     per_token = gather.call_through(head, run, hidden)
-    aux = _router_aux(model, spec, call, base_out)
+    aux = router_aux(model, spec, call, base_out)
     coef = float(resolve(model, spec.router_aux)) if aux is not None else 0.0
     return TokenHeadResult(per_token, targets != ignore_index, aux, coef)
