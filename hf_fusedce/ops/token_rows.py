@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .spec import RowInputs
-from .torch_impl import transform_
+from .torch_impl import in_row_blocks, is_low_precision, transform_
 
 # Columns of the per-row statistics buffer.
 STAT_COLUMNS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -56,12 +56,12 @@ class TokenRows(RowInputs):
 
 
 def working_bytes_per_logit(spec: TokenSpec, chunk_dtype: torch.dtype) -> int:
-    """The chunk itself plus float32 buffers: x (if the chunk is low precision), e = exp(x - m), tanh."""
+    """The chunk itself, and for a float32/64 chunk the float32 buffers beside it: e = exp(x - m) and tanh.
+    A low-precision chunk is worked on in row blocks (torch_impl.in_row_blocks): its float32 work is a fixed scratch."""
     own = torch.finfo(chunk_dtype).bits // 8
-    fp32_copies = 1 + (0 if chunk_dtype in (torch.float32, torch.float64) else 1)
-    if spec.softcap is not None:
-        fp32_copies += 1
-    return own + 4 * fp32_copies
+    if is_low_precision(chunk_dtype):
+        return own
+    return own + 4 * (1 + (spec.softcap is not None))
 
 
 def _transform(z, spec: TokenSpec):
@@ -73,6 +73,7 @@ def _transform(z, spec: TokenSpec):
     return x, tanh
 
 
+@in_row_blocks
 def token_rows(z: torch.Tensor, rows: TokenRows, spec: TokenSpec, compute_grad: bool):
     """Returns -log_prob per row (float32); fills rows.stats; if compute_grad, z now holds dL/dz."""
     x, tanh = _transform(z, spec)
