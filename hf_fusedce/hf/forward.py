@@ -38,6 +38,7 @@ class FusedOptions:
     label_smoothing: float = 0.0
     return_logits: bool = False
     force: bool = False  # also fuse what is unproven (multimodal inputs of a family proven on text only)
+    dw_accumulation: str = "auto"  # a bf16/fp16 head's dW over chunks: "auto" | "fp32" | "native" (the op's)
 
 
 # Keyword fragments of the inputs that make a multimodal model run its encoders (pixel_values, image_patches,
@@ -207,7 +208,8 @@ def _head_loss(model, spec, options, head, hidden, call):
             h2, weight, bias = _full_operands(h2, weight, bias, t.vocab)
             loss_fn = fused_linear_cross_entropy
         common = dict(bias=bias, softcap=softcap, logit_scale=scale, backend=options.backend,
-                      chunk_budget_bytes=options.chunk_budget_bytes, label_smoothing=options.label_smoothing)
+                      chunk_budget_bytes=options.chunk_budget_bytes, label_smoothing=options.label_smoothing,
+                      dw_accumulation=options.dw_accumulation)
         if t.z_coef > 0:
             loss = _bamba_loss(loss_fn, h2, weight, targets, ignore_index, num_items, t.z_coef, common)
         else:

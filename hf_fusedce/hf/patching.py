@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from ..ops.autograd import check_dw_accumulation
 from ..ops.chunking import check_budget
 from . import gather
 from .forward import FusedOptions, generic_forward, positional_names
@@ -117,11 +118,13 @@ def _check_model(target):
                          "to_empty + load_state_dict), then patch")
 
 
-def _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force=False) -> FusedOptions:
+def _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force=False,
+             dw_accumulation="auto") -> FusedOptions:
+    # bad values fail at patch time, not at the first training step
     if chunk_budget_bytes is not None:
-        check_budget(chunk_budget_bytes, stacklevel=5)  # a bad budget fails at patch time, not at the first training step
+        check_budget(chunk_budget_bytes, stacklevel=5)
     return FusedOptions(backend, chunk_budget_bytes, float(z_loss), float(label_smoothing), bool(return_logits),
-                        bool(force))
+                        bool(force), check_dw_accumulation(dw_accumulation))
 
 
 class PatchedForward:
@@ -187,14 +190,15 @@ def _wrapped_patch(target) -> bool:
 
 
 def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None = None, z_loss: float = 0.0,
-          label_smoothing: float = 0.0, return_logits: bool = False, force: bool = False):
+          label_smoothing: float = 0.0, return_logits: bool = False, force: bool = False,
+          dw_accumulation: str = "auto"):
     """Make `model`'s training loss use the fused op (returns `model`); no model: every causal-LM class.
 
-    backend / chunk_budget_bytes / z_loss / label_smoothing are passed to `fused_linear_cross_entropy`
-    (z_loss and label_smoothing change the loss from stock: off by default). return_logits: also return
+    backend / chunk_budget_bytes / z_loss / label_smoothing / dw_accumulation are passed to
+    `fused_linear_cross_entropy` (z_loss and label_smoothing change the loss from stock: off by default). return_logits: also return
     (detached) logits in training. force: patch a model type the quirk table does not know, as a plain head.
     """
-    options = _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force)
+    options = _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force, dw_accumulation)
     if model is None:
         _patch_classes(options)
         return None

@@ -45,7 +45,7 @@ def token_outputs(model, original, spec, options, call, *, outputs=("log_probs",
             return fused_linear_token_stats(
                 h2, weight, targets, bias=bias, ignore_index=ignore_index, softcap=t.softcap, logit_scale=t.scale,
                 temperature=temperature, label_smoothing=label_smoothing, outputs=outputs, backend=options.backend,
-                chunk_budget_bytes=options.chunk_budget_bytes)
+                chunk_budget_bytes=options.chunk_budget_bytes, dw_accumulation=options.dw_accumulation)
 
     per_token = gather.call_through(head, run, hidden)
     aux = router_aux(model, spec, call, base_out)

@@ -6,7 +6,7 @@ import os
 import torch
 
 from . import torch_impl
-from .autograd import DW_ACCUMULATION, FusedLinearCrossEntropyFn, Plan
+from .autograd import FusedLinearCrossEntropyFn, Plan, check_dw_accumulation
 from .chunking import ENV_BUDGET_MB, default_budget_bytes
 from .spec import LossSpec, RowInputs
 
@@ -50,8 +50,7 @@ def fused_linear_cross_entropy(
     spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), float(logit_scale))
     _check_options(spec, backend, num_items_in_batch)
-    if dw_accumulation not in DW_ACCUMULATION:
-        raise ValueError(f"dw_accumulation must be one of {DW_ACCUMULATION}, got {dw_accumulation!r}")
+    check_dw_accumulation(dw_accumulation)
     _check_tensors(hidden, weight, targets, bias, token_weights, target_probs)
     lead = targets.shape[:-1] if target_probs is not None else targets.shape
     d, vocab = hidden.shape[-1], weight.shape[0]

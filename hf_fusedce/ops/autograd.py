@@ -106,6 +106,12 @@ DW_ACCUMULATION = ("auto", "fp32", "native")
 MAX_CHUNKS_NATIVE_DW = 4
 
 
+def check_dw_accumulation(policy: str) -> str:
+    if policy not in DW_ACCUMULATION:
+        raise ValueError(f"dw_accumulation must be one of {DW_ACCUMULATION}, got {policy!r}")
+    return policy
+
+
 def dw_accumulator_dtype(weight_dtype: torch.dtype, n_chunks: int, policy: str = "auto") -> torch.dtype:
     if weight_dtype not in (torch.float16, torch.bfloat16):
         return weight_dtype

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import api
-from .autograd import Plan, chunked_pass
+from .autograd import Plan, check_dw_accumulation, chunked_pass
 from .chunking import default_budget_bytes
 from .token_rows import STAT_COLUMNS, TokenRows, TokenSpec
 
@@ -32,6 +32,7 @@ def fused_linear_token_stats(
     outputs=("log_probs",),
     backend: str = "auto",
     chunk_budget_bytes: int | None = None,
+    dw_accumulation: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Per-token statistics of p = softmax(x), x = softcap*tanh(logit_scale*(hidden @ weight.T + bias)/softcap)
     / temperature, for each target (already aligned with hidden, no shift). Returns {name: tensor of targets'
@@ -62,7 +63,7 @@ def fused_linear_token_stats(
     keep = valid.nonzero().squeeze(1)  # only scored tokens enter the loop (as TRL's head does on GPU)
     spec = TokenSpec(None if softcap is None else float(softcap), float(logit_scale), float(temperature),
                      float(label_smoothing), frozenset(outputs) & frozenset(STAT_COLUMNS))
-    plan = _plan(spec, backend, hidden, weight, chunk_budget_bytes)
+    plan = _plan(spec, backend, hidden, weight, chunk_budget_bytes, check_dw_accumulation(dw_accumulation))
     per_token = FusedTokenStatsFn.apply(h2.index_select(0, keep), weight, bias, ids.index_select(0, keep), plan)
     result = {}
     for name, value in zip(TOKEN_OUTPUTS, per_token):
@@ -74,12 +75,12 @@ def fused_linear_token_stats(
     return result
 
 
-def _plan(spec: TokenSpec, backend, hidden, weight, budget) -> Plan:
+def _plan(spec: TokenSpec, backend, hidden, weight, budget, dw_accumulation) -> Plan:
     device = hidden.device
     compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
     impl = _row_backend(backend, device)
     return Plan(spec, impl.token_rows, impl.working_bytes_per_logit, compute_dtype,
-                budget if budget is not None else default_budget_bytes(device))
+                budget if budget is not None else default_budget_bytes(device), dw_accumulation=dw_accumulation)
 
 
 def _row_backend(backend: str, device: torch.device):

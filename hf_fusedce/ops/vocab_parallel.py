@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from .api import _check_options, _check_tensors, _denominator, _plan, _row_inputs, _validate_labels_and_count
-from .autograd import FusedLinearCrossEntropyFn
+from .autograd import FusedLinearCrossEntropyFn, check_dw_accumulation
 from .spec import LossSpec, RowInputs
-from .torch_impl import to_raw_grad_, transform_, weighted_row_loss
+from .torch_impl import is_low_precision, to_raw_grad_, transform_, weighted_row_loss
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -46,6 +46,7 @@ def vocab_parallel_linear_cross_entropy(
     target_probs: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_budget_bytes: int | None = None,
+    dw_accumulation: str = "auto",
 ) -> torch.Tensor:
     """`fused_linear_cross_entropy` with the head split over the ranks of `group` along the vocabulary.
 
@@ -71,10 +72,10 @@ def vocab_parallel_linear_cross_entropy(
     widest = _check_same_tokens(rows.ids, n_valid, weight.shape[0], group)
     active = None if n_valid == h2.shape[0] else valid.nonzero().squeeze(1)
     denom = _denominator(spec, num_items_in_batch, n_valid, h2.device)
-    plan = _plan(spec, "torch", hidden, weight, chunk_budget_bytes)
+    plan = _plan(spec, "torch", hidden, weight, chunk_budget_bytes, check_dw_accumulation(dw_accumulation))
     rows_fn = functools.partial(_ce_rows_shard, group=group, vocab_start=vocab_start, vocab_size=vocab_size)
     # every rank sizes its chunks by the widest slice, so all ranks reach each all-reduce with the same rows
-    plan = dataclasses.replace(plan, ce_rows=rows_fn, chunk_vocab=widest)
+    plan = dataclasses.replace(plan, ce_rows=rows_fn, chunk_vocab=widest, bytes_per_logit=_shard_bytes_per_logit)
     if torch.is_grad_enabled() and hidden.requires_grad:
         h2 = SumGradOverGroup.apply(h2, group)
     out = FusedLinearCrossEntropyFn.apply(h2, weight, bias, rows, denom, active, plan)
@@ -120,6 +121,13 @@ class SumGradOverGroup(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def _shard_bytes_per_logit(spec: LossSpec, chunk_dtype: torch.dtype) -> int:
+    """The chunk, its float32 copy if low precision, and tanh under softcap: a shard's chunk is worked on whole,
+    not in row blocks, because ranks of different widths would split it differently between the all-reduces."""
+    own = torch.finfo(chunk_dtype).bits // 8
+    return own + 4 * (is_low_precision(chunk_dtype) + (spec.softcap is not None))
 
 
 def _ce_rows_shard(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool, *, group, vocab_start,
