@@ -9,17 +9,14 @@ import torch
 from hf_fusedce import fused_linear_distillation
 from hf_fusedce.teacher_cache import (build_topk_cache, soft_targets, teacher_topk, topk_distillation_loss,
                                       truncation_effect)
-from hf_fusedce.testing import rel_err
+from hf_fusedce.testing import rel_err, tiny_llama
 
 V = 97
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    from hf_fusedce.demo.model import build_tiny_llama
-
-    return build_tiny_llama(seed=1, vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                            intermediate_size=64)
+    return tiny_llama(V, seed=1, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
 
 
 def _dataset(n=10):

@@ -14,18 +14,17 @@ import os
 
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from hf_fusedce.testing import tiny_llama
 
 VOCAB, SEQ, N_SAMPLES = 96, 10, 16
 PER_DEVICE, GRAD_ACC, WORLD = 2, 2, 2
 
 
 def build_model(tied: bool, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
-                      max_position_embeddings=64, use_cache=False)
-    return LlamaForCausalLM(cfg)
+    """The shared tiny Llama (each rank and the single-process check build the same weights from the seed)."""
+    return tiny_llama(VOCAB, tie=tied, seed=seed, max_position_embeddings=64, use_cache=False)
 
 
 def samples() -> list[dict]:

@@ -1,19 +1,14 @@
 """Helpers of the TRL / Liger integration tests (fixtures in conftest.py)."""
 from __future__ import annotations
 
-import torch
-
+from hf_fusedce import testing
 from hf_fusedce.memory import LiveTensorTracker
 
 
 def tiny_llama(tokenizer, seed=0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-               num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).float()
+    """The shared tiny Llama (one layer) sized to `tokenizer`, with its special token ids."""
+    return testing.tiny_llama(len(tokenizer), seed=seed, num_hidden_layers=1, pad_token_id=tokenizer.pad_token_id,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
 
 
 class OpSpy:

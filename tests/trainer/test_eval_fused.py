@@ -14,8 +14,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_fusedce import FusedCETrainer  # noqa: E402
 from hf_fusedce.callback import FusedCEConfig  # noqa: E402
-from hf_fusedce.demo.model import build_tiny_llama  # noqa: E402
-from hf_fusedce.testing import rel_err  # noqa: E402
+from hf_fusedce.testing import rel_err, tiny_llama  # noqa: E402
 from hf_fusedce.memory import measure_peak  # noqa: E402
 
 VOCAB, SEQ, ROWS, BATCH = 8192, 256, 4, 2
@@ -39,9 +38,7 @@ def _evaluate(cls, model, tmp_path, **kw):
 
 
 def test_eval_loss_only_is_fused_equal_and_smaller(tmp_path):
-    torch.manual_seed(0)
-    model = build_tiny_llama(seed=0, vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                             intermediate_size=64, max_position=SEQ)
+    model = tiny_llama(VOCAB, num_hidden_layers=1, max_position_embeddings=SEQ)
     stock, stock_peak = _evaluate(Trainer, copy.deepcopy(model), tmp_path)
     config = FusedCEConfig(patch_options={"chunk_budget_bytes": BUDGET})
     fused, fused_peak = _evaluate(FusedCETrainer, copy.deepcopy(model), tmp_path, fusedce_config=config)
@@ -52,8 +49,7 @@ def test_eval_loss_only_is_fused_equal_and_smaller(tmp_path):
 
 
 def test_eval_with_metrics_runs_stock_with_logits(tmp_path):
-    model = build_tiny_llama(seed=0, vocab_size=97, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                             intermediate_size=64, max_position=SEQ)
+    model = tiny_llama(97, num_hidden_layers=1, max_position_embeddings=SEQ)
     seen = {}
 
     def metrics(pred):
