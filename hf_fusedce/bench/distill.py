@@ -17,8 +17,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
+from hf_fusedce.bench.report import MEMORY_KEY, MEMORY_LABEL, markdown_table, mib
 from hf_fusedce.bench.runner import environment, free_memory, log, sync
 from hf_fusedce.memory import measure_peak
 from hf_fusedce.ops import fused_linear_distillation, reference_linear_distillation
@@ -195,29 +197,24 @@ def write(doc: dict, out: str) -> list[str]:
     return [json_path, md_path]
 
 
+DISTILL_COLUMNS = [
+    ("N", "N", ".0f"), ("D", "D", ".0f"), ("V", "V", ".0f"), ("beta", "beta", str), ("T", "temperature", str),
+    ("impl", "impl", None), ("fwd+bwd s", "fwd_bwd_s", ".3f"), ("x TRL", "x_trl", ".2f"), ("x floor", "x_floor", ".2f"),
+    ("peak MiB", "peak_mem_bytes", mib), (f"{MEMORY_LABEL} MiB", MEMORY_KEY, mib),
+    ("% of materialized", "peak_above_grads_vs_materialized", ".1%"),
+    ("rel err loss / dh / dW (float64)", "rel_errs", None)]
+
+
 def markdown(doc: dict) -> str:
     env = doc["environment"]
-    lines = [f"# hf-fusedce bench --op distill ({env['device']}, {env['date']})", "",
-             f"Command: `{' '.join(doc['command'])}`  ", f"torch {env['torch']}, transformers {env['transformers']}, "
-             f"trl {doc.get('trl')}; load before: `{doc['uptime_before']}`; after: `{doc['uptime_after']}`", "",
-             "| N | D | V | beta | T | impl | fwd+bwd s | x TRL | x floor | peak MiB | above inputs+grads MiB | "
-             "% of materialized | rel err loss / dh / dW (float64) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["records"]:
-        head = f"| {r['N']} | {r['D']} | {r['V']} | {r['beta']} | {r['temperature']} | {r['impl']} |"
-        if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} |||||||")
-            continue
-
-        def fmt(key, spec):
-            return format(r[key], spec) if key in r else "-"
-        mib = {k: f"{r[k] / 2**20:.1f}" if k in r else "-" for k in ("peak_mem_bytes", "peak_above_grads_bytes")}
-        pct = f"{100 * r['peak_above_grads_vs_materialized']:.1f}%" if "peak_above_grads_vs_materialized" in r else "-"
-        errs = " / ".join(f"{r[k]:.1e}" for k in ("rel_err_loss", "rel_err_dh", "rel_err_dw")) if "rel_err_dh" in r \
-            else "-"
-        lines.append(f"{head} {r['fwd_bwd_s']:.3f} | {fmt('x_trl', '.2f')} | {fmt('x_floor', '.2f')} | "
-                     f"{mib['peak_mem_bytes']} | {mib['peak_above_grads_bytes']} | {pct} | {errs} |")
-    return "\n".join(lines) + "\n"
+    rows = pd.DataFrame.from_records(doc["records"])
+    errs = rows.reindex(columns=["rel_err_loss", "rel_err_dh", "rel_err_dw"])
+    rows["rel_errs"] = [" / ".join(f"{x:.1e}" for x in e) if e.notna().all() else None for _, e in errs.iterrows()]
+    return "\n".join([
+        f"# hf-fusedce bench --op distill ({env['device']}, {env['date']})", "",
+        f"Command: `{' '.join(doc['command'])}`  ", f"torch {env['torch']}, transformers {env['transformers']}, "
+        f"trl {doc.get('trl')}; load before: `{doc['uptime_before']}`; after: `{doc['uptime_after']}`", "",
+        markdown_table(rows, DISTILL_COLUMNS)]) + "\n"
 
 
 def run(args, device, command) -> int:

@@ -72,7 +72,8 @@ def frame(doc: dict, kind: str, ok_only: bool = False) -> pd.DataFrame:
                                       and (not ok_only or r.get("status") == "ok")])
 
 
-def _mib(x) -> str:
+def mib(x) -> str:
+    """Bytes as MiB, one decimal."""
     return f"{x / _MiB:,.1f}"
 
 
@@ -85,14 +86,14 @@ ERR = ".1e"
 # value as text, left-aligned. A missing value is a blank cell.
 OP_COLUMNS = [
     ("N", "N", ".0f"), ("impl", "impl", None), ("fwd+bwd ms", "fwd_bwd_ms", ".2f"), ("x floor", "x_floor", ".2f"),
-    ("x 3-GEMM", "x_3gemm", ".2f"), ("TFLOP/s", "tflops_6ndv", ".3g"), ("peak above inputs MiB", "peak_mem_bytes", _mib),
-    (f"{MEMORY_LABEL} MiB", MEMORY_KEY, _mib), ("loss err", "loss_rel_err", ERR), ("dh err", "dh_rel_err", ERR),
+    ("x 3-GEMM", "x_3gemm", ".2f"), ("TFLOP/s", "tflops_6ndv", ".3g"), ("peak above inputs MiB", "peak_mem_bytes", mib),
+    (f"{MEMORY_LABEL} MiB", MEMORY_KEY, mib), ("loss err", "loss_rel_err", ERR), ("dh err", "dh_rel_err", ERR),
     ("dW err", "dw_rel_err", ERR), ("status", "status", None)]
 E2E_COLUMNS = [
     ("model", "model", None), ("variant", "variant", None), ("dtype", "dtype", None), ("seq", "seq", ".0f"),
     ("grad ckpt", "gradient_checkpointing", None), ("step ms", "step_ms", ".1f"), ("tokens/s", "tokens_per_s", ",.0f"),
-    ("peak MiB", "peak_mem_bytes", _mib), ("step peak above state MiB", "peak_above_state_bytes", _mib),
-    ("fwd+bwd peak above state MiB", "peak_fwd_bwd_above_state_bytes", _mib),
+    ("peak MiB", "peak_mem_bytes", mib), ("step peak above state MiB", "peak_above_state_bytes", mib),
+    ("fwd+bwd peak above state MiB", "peak_fwd_bwd_above_state_bytes", mib),
     ("longest seq that fits", "max_seq_note", None), ("status", "status", None)]
 VERIFY_COLUMNS = [
     ("impl", "impl", None), ("dtype", "dtype", None), ("N", "N", ".0f"), ("D", "D", ".0f"), ("V", "V", ".0f"),
