@@ -72,6 +72,9 @@ def frame(doc: dict, kind: str, ok_only: bool = False) -> pd.DataFrame:
                                       and (not ok_only or r.get("status") == "ok")])
 
 
+ERR = ".1e"
+
+
 def mib(x) -> str:
     """Bytes as MiB, one decimal."""
     return f"{x / _MiB:,.1f}"
@@ -81,7 +84,6 @@ def _baseline(b: dict) -> str:
     return " / ".join(_cell(b.get(k), ERR) for k in ("loss_rel_err", "dh_rel_err", "dw_rel_err"))
 
 
-ERR = ".1e"
 # A table is (header, record key, format): a format spec or function right-aligns the column; None writes the
 # value as text, left-aligned. A missing value is a blank cell.
 OP_COLUMNS = [
