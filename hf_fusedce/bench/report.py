@@ -195,8 +195,8 @@ def _plot_lines(ax, rs: pd.DataFrame, values: pd.Series, title: str, ylabel: str
     """One line per implementation (in measured order) against N, on log-log axes."""
     from matplotlib.ticker import FuncFormatter
 
-    table = rs.assign(y=values).pivot(index="N", columns="impl", values="y")[list(rs["impl"].unique())]
-    table.columns.name = None  # no "impl" title on the legend
+    table = rs.assign(y=values).pivot_table(index="N", columns="impl", values="y", aggfunc="first")  # a repeat: 1st
+    table = table.reindex(columns=list(rs["impl"].unique())).rename_axis(columns=None)  # measured order, no title
     table.plot(ax=ax, marker="o", legend=legend, logy=True, title=title, xlabel="N tokens", ylabel=ylabel,
                style={i: _STYLE.get(i, ("tab:gray", "-"))[1] for i in table},
                color={i: _STYLE.get(i, ("tab:gray", "-"))[0] for i in table})
@@ -217,9 +217,8 @@ def _plot_e2e(axes, e2e: pd.DataFrame):
     total.plot.bar(ax=ax_m, alpha=0.35, label="peak (total)", **bars)
     (e2e["peak_above_state_bytes"] / _MiB).plot.bar(ax=ax_m, ylabel="MiB", label="peak above weights+optimizer state",
                                                      title="end to end: peak memory of one training step", **bars)
-    for i, (peak, note) in enumerate(zip(total, e2e.reindex(columns=["max_seq_note"])["max_seq_note"])):
-        if isinstance(note, str) and note:
-            ax_m.annotate(f"longest seq {note}", (i, peak), ha="center", va="bottom", fontsize=7)
+    notes = e2e.reindex(columns=["max_seq_note"])["max_seq_note"]
+    ax_m.bar_label(ax_m.containers[0], [f"longest seq {n}" if isinstance(n, str) else "" for n in notes], fontsize=7)
     ax_m.set_ylim(0, total.max() * 1.25)
     ax_m.legend(loc="upper right")
     for ax in axes:
