@@ -73,3 +73,10 @@ def test_one_hot_gradient_fits_in_1kib_of_shared_memory_on_sm90(report):
     assert k1_grad
     for u in k1_grad:
         assert u["smem_bytes"] <= 1024 and u["smem_static_bytes"] <= 1024, u
+
+
+def test_the_triton_asked_for_is_the_one_compiling(report):
+    """CI compiles once more with the GPU image's triton (HF_FUSEDCE_EXPECT_TRITON, see .ci/run): a PYTHONPATH
+    that did not take would otherwise re-test the pinned one and pass."""
+    expected = os.environ.get("HF_FUSEDCE_EXPECT_TRITON")
+    assert report["triton"] == (expected or triton.__version__)
