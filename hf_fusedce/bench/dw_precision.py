@@ -62,18 +62,19 @@ def measure(n=8192, d=256, v=2048, dtype=torch.bfloat16, chunks=CHUNKS) -> dict:
     return {"n": n, "d": d, "v": v, "dtype": str(dtype).removeprefix("torch."), "stock": stock, "rows": rows}
 
 
+COLUMNS = [("dtype", "dtype", None), ("N x D x V", "shape", None), ("chunks", "chunks", "d"),
+           ("stock (1 GEMM)", "stock", ".2e"), ("native", "native", ".2e"), ("fp32 acc (CPU)", "fp32", ".2e"),
+           ("fp32 acc (CUDA, emulated)", "fp32_cuda", ".2e"), ("native / stock", "native_over_stock", ".2f")]
+
+
 def to_markdown(results: list[dict], meta: dict) -> str:
-    lines = [f"dW relative error vs float64 (same g and h), {meta['device']}, torch {meta['torch']}, "
-             f"{meta['date']}", "",
-             "| dtype | N x D x V | chunks | stock (1 GEMM) | native | fp32 acc (CPU) | fp32 acc (CUDA, emulated) "
-             "| native / stock |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        for row in r["rows"]:
-            lines.append(f"| {r['dtype']} | {r['n']} x {r['d']} x {r['v']} | {row['chunks']} | {r['stock']:.2e} | "
-                         f"{row['native']:.2e} | {row['fp32']:.2e} | {row['fp32_cuda']:.2e} | "
-                         f"{row['native_over_stock']:.2f} |")
-    return "\n".join(lines) + "\n"
+    import pandas as pd
+
+    from hf_fusedce.bench.report import markdown_table
+    rows = pd.DataFrame([{"dtype": r["dtype"], "shape": f"{r['n']} x {r['d']} x {r['v']}", "stock": r["stock"], **row}
+                         for r in results for row in r["rows"]])
+    return (f"dW relative error vs float64 (same g and h), {meta['device']}, torch {meta['torch']}, {meta['date']}"
+            f"\n\n{markdown_table(rows, COLUMNS)}\n")
 
 
 def main(argv=None) -> int:

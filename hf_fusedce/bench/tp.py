@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from hf_fusedce.bench.report import markdown_table, mib
+
 JSON_NAME, MD_NAME = "results.json", "results.md"
 
 
@@ -155,6 +157,22 @@ def run_tp(case: Case, tps: list[int]) -> list[dict]:
     return records
 
 
+TP_COLUMNS = [("tp", "tp", "d"), ("rank", "rank", "d"), ("vocab rows", "rows", "d"), ("fwd+bwd s", "fwd_bwd_s", ".3f"),
+              ("peak MiB (step)", "peak_bytes", mib), ("weight slice MiB", "weight_slice_bytes", mib),
+              ("all-reduce calls", "allreduce_calls", "d"), ("all-reduce payload MiB", "allreduce_mib", ".2f"),
+              ("dh all-reduce: end / per chunk s", "dh", None)]
+
+
+def _table_rows(records):
+    import pandas as pd
+
+    rows = pd.DataFrame(records)
+    rows["allreduce_mib"] = rows["allreduce_bytes"] / 2**20
+    rows["dh"] = [f"{r['dh_allreduce_end_s']:.4f} / {r['dh_allreduce_per_chunk_s']:.4f} ({r['dh_chunks']} chunks)"
+                  if "dh_allreduce_end_s" in r else "-" for r in records]
+    return rows
+
+
 def markdown(doc: dict) -> str:
     env, case = doc["environment"], doc["case"]
     lines = [f"# hf-fusedce bench --op tp ({env['device']}, {env['date']})", "",
@@ -164,15 +182,7 @@ def markdown(doc: dict) -> str:
              f"`{doc['uptime_after']}`", "",
              f"N={case['n']} tokens, D={case['d']}, V={case['v']}, fp32, forward + backward, median of "
              f"{case['repeats']} after {case['warmup']} warm-up.", "",
-             "| tp | rank | vocab rows | fwd+bwd s | peak MiB (step) | weight slice MiB | all-reduce calls | "
-             "all-reduce payload MiB | dh all-reduce: end / per chunk s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["records"]:
-        dh = (f"{r['dh_allreduce_end_s']:.4f} / {r['dh_allreduce_per_chunk_s']:.4f} ({r['dh_chunks']} chunks)"
-              if "dh_allreduce_end_s" in r else "-")
-        lines.append(f"| {r['tp']} | {r['rank']} | {r['rows']} | {r['fwd_bwd_s']:.3f} | {r['peak_bytes'] / 2**20:.1f} "
-                     f"| {r['weight_slice_bytes'] / 2**20:.1f} | {r['allreduce_calls']} | "
-                     f"{r['allreduce_bytes'] / 2**20:.2f} | {dh} |")
+             markdown_table(_table_rows(doc["records"]), TP_COLUMNS)]
     single = [r["single_device_fwd_bwd_s"] for r in doc["records"] if "single_device_fwd_bwd_s" in r]
     if single:
         lines += ["", f"Single-device op (tp=1 process, same inputs): {single[0]:.3f} s."]
