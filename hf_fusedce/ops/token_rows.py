@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .spec import RowInputs
-from .torch_impl import in_row_blocks, is_low_precision, transform_
+from .torch_impl import Scratch, in_row_blocks, transform_
 
 # Columns of the per-row statistics buffer.
 STAT_COLUMNS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -56,27 +56,23 @@ class TokenRows(RowInputs):
 
 
 def working_bytes_per_logit(spec: TokenSpec, chunk_dtype: torch.dtype) -> int:
-    """The chunk itself, and for a float32/64 chunk the float32 buffers beside it: e = exp(x - m) and tanh.
-    A low-precision chunk is worked on in row blocks (torch_impl.in_row_blocks): its float32 work is a fixed scratch."""
-    own = torch.finfo(chunk_dtype).bits // 8
-    if is_low_precision(chunk_dtype):
-        return own
-    return own + 4 * (1 + (spec.softcap is not None))
+    """The chunk itself: it is worked on in row blocks (torch_impl.in_row_blocks), its float32 work is a scratch."""
+    return torch.finfo(chunk_dtype).bits // 8
 
 
-def _transform(z, spec: TokenSpec):
+def _transform(z, spec: TokenSpec, scratch):
     """x (float32 or float64, possibly z itself) and the tanh values kept for the chain rule: the CE row
     function's transform, then the temperature."""
-    x, tanh = transform_(z, spec)
+    x, tanh = transform_(z, spec, scratch)
     if spec.temperature != 1.0:
         x.div_(spec.temperature)
     return x, tanh
 
 
 @in_row_blocks
-def token_rows(z: torch.Tensor, rows: TokenRows, spec: TokenSpec, compute_grad: bool):
+def token_rows(z: torch.Tensor, rows: TokenRows, spec: TokenSpec, compute_grad: bool, scratch: Scratch):
     """Returns -log_prob per row (float32); fills rows.stats; if compute_grad, z now holds dL/dz."""
-    x, tanh = _transform(z, spec)
+    x, tanh = _transform(z, spec, scratch)
     ids = rows.ids[:, :1]
     eps, vocab = spec.label_smoothing, x.shape[1]
     if rows.stats is not None:
@@ -84,7 +80,7 @@ def token_rows(z: torch.Tensor, rows: TokenRows, spec: TokenSpec, compute_grad: 
     m = x.amax(1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     x.sub_(m[:, None])  # shifted: no term below subtracts two large numbers
-    e = x.exp()
+    e = torch.exp(x, out=scratch("e", x.shape[0]))
     s = e.sum(1)
     log_s = s.log()
     log_prob = (1.0 - eps) * (x.gather(1, ids)[:, 0] - log_s)
