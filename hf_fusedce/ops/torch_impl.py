@@ -108,6 +108,19 @@ def to_raw_grad_(g: torch.Tensor, z: torch.Tensor, tanh, spec: LossSpec) -> None
         z.copy_(g)
 
 
+def _exp_rows(x: torch.Tensor, z: torch.Tensor, scratch: Scratch):
+    """(p, log S, S or None) for shifted rows x (max 0), S = sum exp(x): p / S is the softmax.
+    A float32 copy of a low-precision chunk goes through torch's fused softmax into scratch (p normalized, None):
+    about 2x faster than exp_ on CPU (0.88 vs 1.26 ms for 64 x 32000), and the copy back to z is needed anyway.
+    A float32/64 chunk (x is z) is exponentiated in place: no buffer and no copy back, 1/S folded into the
+    gradient's scale. Never exp(x - lse): lse's rounding would dominate p ~ 1 at large logits."""
+    if x is not z:
+        p = torch.softmax(x, 1, out=scratch("p", x.shape[0]))
+        return p, p.amax(1).log_().neg_(), None  # the max's entry is exp(0) / S
+    sum_exp = x.exp_().sum(1)
+    return x, sum_exp.log(), sum_exp
+
+
 @in_row_blocks
 def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool, scratch: Scratch) -> torch.Tensor:
     """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale*loss)/dz."""
@@ -120,16 +133,14 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     tau_sum = tau.sum(1)
     tau_dot_gap = -(tau * x.gather(1, ids)).sum(1)  # sum_k tau_k (max - x_k) >= 0
     mean_gap = -x.mean(1) if eps else None
-    # torch's fused softmax: exp(x - max) / S, about twice as fast on CPU as exp_ alone (measured: 0.88 vs 1.26 ms
-    # for 64 x 32000 float32). Never exp(x - lse): lse's rounding would dominate p ~ 1 at large logits.
-    p = torch.softmax(x, 1, out=scratch("p", x.shape[0]))
-    log_sum = p.amax(1).log_().neg_()  # the max's entry is exp(0) / S
+    p, log_sum, sum_exp = _exp_rows(x, z, scratch)
     lse = row_max + log_sum
     loss, active = weighted_row_loss(log_sum, tau_sum, tau_dot_gap, mean_gap, lse, rows, spec)
     if not compute_grad:
         return loss
     coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
-    p.mul_(((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef)[:, None])
+    factor = ((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef)
+    p.mul_((factor if sum_exp is None else factor.div_(sum_exp))[:, None])  # the softmax, scaled
     p.scatter_add_(1, ids, -(1.0 - eps) * tau * coef[:, None])
     if eps:
         p.sub_((eps / vocab) * coef[:, None])
