@@ -38,15 +38,19 @@ class TeacherRows(RowInputs):
     teacher_weight: torch.Tensor = None
     teacher_bias: torch.Tensor | None = None
     entropy_sum: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # these rows' teacher logits, once a row function computed them
 
     def select(self, index) -> "TeacherRows":
         base = RowInputs.select(self, index)
-        hidden = self.teacher_hidden[index] if isinstance(index, slice) else self.teacher_hidden.index_select(0, index)
-        return TeacherRows(base.ids, base.probs, base.weight, base.scale, hidden, self.teacher_weight,
-                           self.teacher_bias, self.entropy_sum)
+        pick = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
+        return TeacherRows(base.ids, base.probs, base.weight, base.scale, pick(self.teacher_hidden),
+                           self.teacher_weight, self.teacher_bias, self.entropy_sum,
+                           None if self.logits is None else pick(self.logits))
 
     def teacher_logits(self) -> torch.Tensor:
-        """This chunk's teacher logits z_t = h_t W_t^T + b_t, (n, V), in the teacher head's dtype."""
+        """These rows' teacher logits z_t = h_t W_t^T + b_t, (n, V), in the teacher head's dtype."""
+        if self.logits is not None:
+            return self.logits
         h = self.teacher_hidden.to(self.teacher_weight.dtype)
         if self.teacher_bias is not None:
             return torch.addmm(self.teacher_bias, h, self.teacher_weight.t())

@@ -265,3 +265,30 @@ def test_large_vocabulary_keeps_float32_accuracy(backend, beta):
         loss = fn(h, ws.to(DEVICE, dtype), ht.to(DEVICE, dtype), wt.to(DEVICE, dtype), beta=beta, temperature=1.3)
         results.append((loss.detach(), torch.autograd.grad(loss, h)[0]))
     assert rel_err(results[0][0], results[1][0]) <= 1e-5 and rel_err(results[0][1], results[1][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name", ["plain", "hard_labels_none"])
+def test_row_blocks_give_the_same_numbers_with_one_teacher_gemm_per_chunk(monkeypatch, beta, name):
+    """The torch row function works in 3-row blocks here: the same loss and gradients bit for bit as whole
+    chunks, and the teacher's logits still come from one GEMM per chunk, not one per block."""
+    from hf_fusedce.ops import torch_impl
+    from hf_fusedce.ops.distill_spec import TeacherRows
+
+    case = make_case(OPTIONS[name])
+    monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 10**9)
+    whole = run(ours("torch"), case, torch.float32, beta=beta)
+    gemm_rows, real = [], TeacherRows.teacher_logits
+
+    def spy(self):
+        if self.logits is None:
+            gemm_rows.append(self.teacher_hidden.shape[0])
+        return real(self)
+
+    monkeypatch.setattr(TeacherRows, "teacher_logits", spy)
+    monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 3 * V * 4)
+    blocked = run(ours("torch"), case, torch.float32, beta=beta)
+    assert gemm_rows and max(gemm_rows) > 3, gemm_rows
+    assert torch.equal(whole.loss, blocked.loss)
+    for key, grad in whole.grads.items():
+        assert (grad is None and blocked.grads[key] is None) or torch.equal(grad, blocked.grads[key]), key
