@@ -27,20 +27,22 @@ class OpSpy:
 
 
 class LargestTensor(LiveTensorTracker):
-    """hf_fusedce.memory's live-tensor tracker, also recording the element count of the largest tensor."""
+    """hf_fusedce.memory's live-tensor tracker, also recording the element count of the largest tensor laid out
+    like logits (last dimension = the vocabulary; the head's (vocab, hidden) weight gradient is not)."""
 
-    def __init__(self):
+    def __init__(self, vocab):
         super().__init__()
-        self.max_numel = 0
+        self.vocab, self.max_numel = vocab, 0
 
     def _track(self, t):
-        self.max_numel = max(self.max_numel, t.numel())
+        if t.dim() and t.shape[-1] == self.vocab:
+            self.max_numel = max(self.max_numel, t.numel())
         super()._track(t)
 
 
 class StepTracker:
-    """Wraps a trainer's training_step in the tracker. `ratio`: the largest tensor a step created, in units of
-    that step's tokens x vocabulary (>= 1: a full logits-sized tensor existed)."""
+    """Wraps a trainer's training_step in the tracker. `ratio`: the largest logits-shaped tensor a step created,
+    in units of that step's tokens x vocabulary (>= 1: a full logits-sized tensor existed)."""
 
     def __init__(self, trainer, vocab, tokens=lambda inputs: inputs["input_ids"].numel(), method="training_step"):
         self.ratio = 0.0
@@ -48,7 +50,7 @@ class StepTracker:
 
         def tracked(model, inputs, *args, **kwargs):
             n = tokens(inputs)
-            with LargestTensor() as tracker:
+            with LargestTensor(vocab) as tracker:
                 out = step(model, inputs, *args, **kwargs)
             self.ratio = max(self.ratio, tracker.max_numel / (n * vocab))
             return out

@@ -66,7 +66,7 @@ def test_sft_matches_trl_head(tokenizer, records, tmp_path, op_spy, name):
     assert op_spy.calls >= 2, "hf_fusedce's per-token op did not run"
     _same_logs(ours, stock)
     assert our_steps.ratio < 0.5, f"a training step allocated {our_steps.ratio:.2f} x tokens x vocab"
-    assert stock_steps.ratio >= 1.0  # the tracker sees TRL's full-vocabulary tiles on CPU
+    assert stock_steps.ratio > 0.9  # TRL's full-vocabulary tiles on CPU: every scored token's logits at once
 
 
 def test_sft_patch_after_trainer(tokenizer, records, tmp_path, op_spy):
