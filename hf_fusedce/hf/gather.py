@@ -53,6 +53,14 @@ class HeadSwitch:
             return hidden.new_empty(*hidden.shape[:-1], 0)
         return type(self.head)._call_impl(self.head, *args, **kwargs)
 
+    def reseat(self) -> None:
+        """Sit on top again if the module was given a new instance forward since install (TRL's
+        `cast_lm_head_to_fp32` assigns `lm_head.forward`): that forward becomes the one stock mode calls."""
+        if any(isinstance(self.inner.__dict__.get(slot), _InnerForward) for slot in ("forward", "_old_forward")):
+            return
+        self.below = self.inner.__dict__.get(self.slot)
+        self.inner.__dict__[self.slot] = _InnerForward(self)
+
     def remove(self) -> None:
         # accelerate may have wrapped us since (we then sit in `_old_forward`): restore wherever we are
         for slot in ("forward", "_old_forward"):
@@ -87,8 +95,13 @@ def switch_of(head: nn.Module) -> HeadSwitch | None:
 
 
 def install(head: nn.Module) -> HeadSwitch:
-    """The head's switch (installed now if absent: e.g. `resize_token_embeddings` built a new head)."""
-    return switch_of(head) or HeadSwitch(head)
+    """The head's switch (installed now if absent: e.g. `resize_token_embeddings` built a new head), seated on
+    top of the module's current forward."""
+    sw = switch_of(head)
+    if sw is None:
+        return HeadSwitch(head)
+    sw.reseat()
+    return sw
 
 
 def uninstall(head: nn.Module | None) -> None:

@@ -117,6 +117,32 @@ def test_a_model_catching_exceptions_around_its_head_still_trains_exactly():
         assert rel_err(grads[name], g) <= TOL, name
 
 
+def test_a_head_forward_assigned_after_patch_is_still_fused_and_restored_by_unpatch(monkeypatch):
+    """TRL's cast_lm_head_to_fp32 assigns `lm_head.forward` after the model was patched: the patch sits on top
+    of the new forward again (the fused op still runs, same numbers as stock), and unpatch leaves it in place."""
+    from hf_fusedce import ops
+
+    stock = tiny_llama()
+    s_loss, s_grads = loss_and_grads(stock)
+    model = hf_fusedce.patch(copy.deepcopy(stock))
+    head = model.lm_head
+
+    def assigned_forward(hidden):
+        return torch.nn.functional.linear(hidden, head.weight)
+
+    head.forward = assigned_forward
+    calls, real = [], ops.fused_linear_cross_entropy
+    monkeypatch.setattr("hf_fusedce.hf.forward.fused_linear_cross_entropy",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss, grads = loss_and_grads(model)
+    assert calls, "the fused op did not run"
+    assert rel_err(loss, s_loss) <= TOL
+    for name, g in s_grads.items():
+        assert rel_err(grads[name], g) <= TOL, name
+    hf_fusedce.unpatch(model)
+    assert head.forward is assigned_forward
+
+
 # ---- point 4: accelerate's hooks on the head --------------------------------------------------------------------
 
 def _embeds_loss_and_grad(model, embed_weight):

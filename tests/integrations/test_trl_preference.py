@@ -138,3 +138,28 @@ def test_rloo_matches_trl_head(tokenizer, records, tmp_path, op_spy):
     assert op_spy.calls >= 4  # policy and reference
     _compare(ours, stock)
     assert steps.ratio < 0.5
+
+
+def test_grpo_cast_lm_head_to_fp32_matches_trl_head(tokenizer, records, tmp_path, op_spy):
+    """A bf16 policy with GRPO's `cast_lm_head_to_fp32=True` (TRL makes the head float32 and feeds it float32
+    hidden states): our head computes in float32 too; metrics agree with TRL's head on the same bf16 model."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts = Dataset.from_list([{"prompt": r["messages"][0]["content"]} for r in records[:8]])
+
+    def make(model, ref):
+        model.to(torch.bfloat16)
+        args = GRPOConfig(num_generations=2, max_completion_length=24, temperature=0.7, beta=0.0,
+                          cast_lm_head_to_fp32=True, **_common(tmp_path, "grpo-fp32-head"))
+        return GRPOTrainer(model=model, reward_funcs=_length_reward, args=args, train_dataset=prompts,
+                           processing_class=tokenizer)
+
+    track = dict(tokens=lambda inputs: inputs["completion_ids"].numel(), method="compute_loss")
+    stock, _ = _run(make, tokenizer, patch=False, **track)
+    ours, steps = _run(make, tokenizer, patch=True, **track)
+    assert ours.model.lm_head.weight.dtype == torch.float32 and ours.model.model.norm.weight.dtype == torch.bfloat16
+    assert op_spy.calls >= 2
+    _compare(ours, stock)
+    assert steps.ratio < 0.5
