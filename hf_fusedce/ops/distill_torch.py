@@ -31,12 +31,7 @@ def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_
     """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale * loss)/dz_student.
     The teacher's logits of the whole chunk come from one GEMM (a large GEMM runs near the BLAS rate: on CPU,
     64-row GEMMs took 1.8x the time of 512-row ones at D=512, V=32000), then the row math goes block by block."""
-    rows = dataclasses.replace(rows, logits=rows.teacher_logits())
-    block = max(1, torch_impl.ROW_BLOCK_BYTES // (4 * max(1, z.shape[1])))
-    if z.shape[0] <= block:
-        return _block_rows(z, rows, spec, compute_grad)
-    return torch.cat([_block_rows(z[i:i + block], rows.select(slice(i, i + block)), spec, compute_grad)
-                      for i in range(0, z.shape[0], block)])
+    return _blockwise(z, dataclasses.replace(rows, logits=rows.teacher_logits()), spec, compute_grad)
 
 
 def _acc_dtype(z: torch.Tensor) -> torch.dtype:
@@ -54,8 +49,11 @@ def _scaled_log_softmax(x: torch.Tensor, inv_t: float, acc: torch.dtype) -> torc
     return torch.log_softmax(x.mul_(inv_t) if inv_t != 1.0 else x, dim=1)
 
 
-def _block_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool) -> torch.Tensor:
-    """distill_rows on a block of rows whose teacher logits are given. Few, large ops: on a busy CPU every op pays a thread barrier, so the op count matters as much as the passes."""
+@torch_impl.in_row_blocks
+def _blockwise(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool, scratch) -> torch.Tensor:
+    """distill_rows on a block of rows whose teacher logits are given (its temporaries are its own: `scratch` is
+    not used). Few, large ops: on a busy CPU every op pays a thread barrier, so the op count matters as much as
+    the passes."""
     acc = _acc_dtype(z)
     inv_t = 1.0 / spec.temperature
     hard_loss, hard_p = _hard_label_part(z, rows, spec, acc, compute_grad)
