@@ -20,13 +20,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from hf_fusedce.bench.report import MEMORY_KEY, MEMORY_LABEL, markdown_table, mib
+from hf_fusedce.bench.report import JSON_NAME, MD_NAME, MEMORY_KEY, MEMORY_LABEL, markdown_table, mib
 from hf_fusedce.bench.runner import environment, free_memory, log, sync
 from hf_fusedce.memory import measure_peak
 from hf_fusedce.ops import fused_linear_distillation, reference_linear_distillation
 from hf_fusedce.testing import rel_err
-
-JSON_NAME, MD_NAME = "results.json", "results.md"
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from hf_fusedce.bench.report import markdown_table, mib
-
-JSON_NAME, MD_NAME = "results.json", "results.md"
+from hf_fusedce.bench.report import JSON_NAME, MD_NAME, markdown_table, mib
 
 
 @dataclass(frozen=True)
