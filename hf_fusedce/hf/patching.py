@@ -195,8 +195,9 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
     """Make `model`'s training loss use the fused op (returns `model`); no model: every causal-LM class.
 
     backend / chunk_budget_bytes / z_loss / label_smoothing / dw_accumulation are passed to
-    `fused_linear_cross_entropy` (z_loss and label_smoothing change the loss from stock: off by default). return_logits: also return
-    (detached) logits in training. force: patch a model type the quirk table does not know, as a plain head.
+    `fused_linear_cross_entropy` (z_loss and label_smoothing change the loss from stock: off by default).
+    return_logits: also return (detached) logits in training. force: patch a model type the quirk table does
+    not know, as a plain head.
     """
     options = _options(backend, chunk_budget_bytes, z_loss, label_smoothing, return_logits, force, dw_accumulation)
     if model is None:
