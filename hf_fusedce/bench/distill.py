@@ -83,19 +83,6 @@ def _floor_step(s_h, s_w, t_h, t_w, buf_s, buf_t, dh, dw):
         torch.mm(buf_s.t(), s_h, out=dw)
 
 
-def _time(step, device, warmup, repeats) -> list[float]:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def measure_memory(name, case, inputs, device) -> dict:
     fn = IMPLS[name]
     s_h, s_w, _, _ = inputs

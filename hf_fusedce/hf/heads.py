@@ -129,7 +129,3 @@ def model_type_of(model) -> str | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     name = type(model).__name__  # the exact class: a subclass may have changed the forward
     return next((t for t, n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n == name and t in HEADS), model_type)
-
-
-def spec_for(model) -> HeadSpec | None:
-    return HEADS.get(model_type_of(model))

@@ -120,14 +120,3 @@ def _install(module) -> None:
             return stock(self, unwrapped_student, inputs, num_items_in_batch)
 
     module.DistillationTrainer._compute_loss = _compute_loss
-
-
-def deactivate() -> None:
-    """Put TRL's DistillationTrainer back as it was."""
-    _STOCK.pop("hooked", None)
-    if "compute_loss" not in _STOCK:
-        return
-    from trl.trainer import distillation_trainer as module
-
-    module.DistillationTrainer._compute_loss = _STOCK.pop("compute_loss")
-    module._chunked_divergence_loss = _STOCK.pop("loss")
