@@ -128,7 +128,7 @@ def run(types=None) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# TRL fused LM head protocol: TRL's head vs hf_fusedce's head, per family",
+    lines = ["# TRL fused LM head protocol: TRL's head vs hf_fusedce's head, per family",
              "", f"{result['date']}, {result['device']} {result['float']}, torch {result['torch']}, "
              f"transformers {result['transformers']}, trl {result['trl']}. Command: `{result['command']}`.", "",
              f"{result['types']} causal-LM model types; {result['skipped_by_stock']} skipped (the stock tiny "
