@@ -36,7 +36,7 @@ def check_budget(budget_bytes: int, name: str = "chunk_budget_bytes", stacklevel
     """A chunk budget in bytes: > 0, else ValueError; a warning below MIN_SANE_BUDGET_BYTES (valid, but slow)."""
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or budget_bytes <= 0:
         raise ValueError(f"{name} must be a number of bytes > 0, got {budget_bytes!r}")
-    if budget_bytes < MIN_SANE_BUDGET_BYTES:
+    if budget_bytes < MIN_SANE_BUDGET_BYTES and not torch.compiler.is_compiling():  # dynamo cannot trace warn
         warnings.warn(f"{name} = {budget_bytes} bytes is below {MIN_SANE_BUDGET_BYTES >> 20} MiB: chunks of a few "
                       "rows make the loss head many times slower (the budget is in bytes: 64 MiB is 64 * 2**20)",
                       UserWarning, stacklevel=stacklevel)

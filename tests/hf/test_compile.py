@@ -66,3 +66,28 @@ def test_fullgraph_compile_aot_eager_traces_the_backward():
 @pytest.mark.parametrize("model_type", SLOW)
 def test_fullgraph_compile_trains_like_stock_more_families(model_type):
     _check(model_type, "eager")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fullgraph_compile_with_row_blocks_equals_eager(monkeypatch, dtype):
+    """The row function's block loop and reused buffers (softmax into a scratch slice) trace without a graph
+    break, so does a chunk budget below the sane minimum (its warning is given at patch time, not traced), and
+    the compiled fused head gives the eager fused head's loss and gradients."""
+    from hf_fusedce.ops import torch_impl
+
+    stock = _one_layer("llama").to(dtype).train()
+    ids, labels = proof.batch(stock)
+    vocab = stock.config.vocab_size
+    monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 3 * vocab * 4)  # 3-row blocks, several per chunk
+    with pytest.warns(UserWarning, match="below"):  # a budget this small is warned about at patch time
+        patched = hf_fusedce.patch(stock, backend="torch", chunk_budget_bytes=8 * vocab * dtype.itemsize)
+    patched.zero_grad(set_to_none=True)
+    e_loss = patched(input_ids=ids, labels=labels, use_cache=False).loss
+    e_loss.backward()
+    e_grads = {n: p.grad.clone() for n, p in patched.named_parameters() if p.grad is not None}
+    loss, grads, breaks = _compiled_loss_and_grads(patched, ids, labels, "eager")  # the tiny budget: no warning
+    assert breaks == 0
+    tol = proof.TOL if dtype == torch.float32 else 2e-2
+    assert proof.rel_err(loss, e_loss) <= tol
+    for name, g in e_grads.items():
+        assert proof.rel_err(grads[name].float(), g.float()) <= tol, name
