@@ -23,6 +23,7 @@ from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, PLAIN, REFUSED, HeadSpec, model_type_of
 
 _CLASS_PATCHES: dict[type, object] = {}  # class -> its own stock `forward` function
+_CLASS_OURS: dict[type, object] = {}  # class -> the forward patch() gave it
 _GLOBAL: dict = {}  # while patch() is active: {"options":..., "post_init": stock post_init}
 
 
@@ -206,11 +207,13 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
     target = unwrap(model)
     _check_model(target)
     spec = _spec(target, force)
+    reseat(target)
     current = _installed(target)
     if current is not None:  # patching twice == once: only the options are refreshed
         current.spec, current.options = spec, options
         return model
     target.forward = PatchedForward(target, spec, options, target.__dict__.get("forward"))
+    _guard(model, target)
     gather.install(target.get_output_embeddings())
     return model
 
@@ -231,6 +234,7 @@ def unpatch(model=None):
         else:  # under accelerate's wrapper: it calls the stock bound forward again
             target.__dict__[slot] = type(target).forward.__get__(target)
         gather.uninstall(target.get_output_embeddings())
+    _unguard(model, target)
     return model
 
 
@@ -238,6 +242,7 @@ def is_patched(model) -> bool:
     """Whether the model's forward is hf_fusedce's (instance or class patch); False once something else (TRL's
     fused head, Liger, Unsloth, ...) replaced it."""
     target = unwrap(model)
+    reseat(target)
     if "forward" in target.__dict__:
         return _installed(target) is not None or _wrapped_patch(target)
     owner = next((c for c in type(target).__mro__ if "forward" in c.__dict__), None)
@@ -247,6 +252,69 @@ def is_patched(model) -> bool:
 def globally_patched() -> bool:
     """patch() without a model is active."""
     return "options" in _GLOBAL
+
+
+# ---- a forward assigned over ours after patch() --------------------------------------------------------------
+# A library can assign its forward over ours after patch() by a path hf_fusedce could not wrap (Liger's apply
+# functions bound by `from ... import` before hf_fusedce wrapped them: `model.forward = MethodType(lce_forward,
+# model)`, or `Class.forward = lce_forward`). Integrations list in COMPOSE_OVER predicates naming the forwards that
+# only duplicate our head (the rest of the model is the stock forward's code): such a forward is taken off again,
+# ours put back, when the model is next called, asked `is_patched`, or patched. Any other replacement stays (then
+# is_patched is False and hf_fusedce.integrations warns at the first training forward).
+COMPOSE_OVER: list = []  # predicate(forward) -> True if ours goes back over it
+_SAVED = "_hf_fusedce_forward"  # the instance's PatchedForward, kept to be put back
+
+
+def _composes_over(fwd) -> bool:
+    return fwd is not None and not getattr(fwd, "__hf_fusedce__", False) and any(p(fwd) for p in COMPOSE_OVER)
+
+
+def reseat(model) -> bool:
+    """Put hf_fusedce's forward back over a COMPOSE_OVER forward assigned after patch() (True if it did)."""
+    target = unwrap(model)
+    if not COMPOSE_OVER or not isinstance(target, torch.nn.Module):
+        return False
+    done = False
+    owner = _forward_class(type(target))
+    ours = _CLASS_OURS.get(owner)
+    if ours is not None and owner.__dict__["forward"] is not ours and _composes_over(owner.__dict__["forward"]):
+        owner.forward, done = ours, True  # class patch (patch() without a model)
+    if _composes_over(target.__dict__.get("forward")):
+        saved = target.__dict__.get(_SAVED)
+        if saved is not None:
+            target.__dict__["forward"], done = saved, True
+        elif ours is not None:  # a class we patch: its forward is ours again
+            del target.__dict__["forward"]
+            done = True
+    return done
+
+
+class _ReseatOnCall:
+    """Instance `_call_impl` of a patched model: Module.__call__ reads `forward` before any forward pre-hook
+    runs, so a forward assigned over ours is taken off here, first. A small object (deepcopy / pickle)."""
+
+    def __init__(self, module, target):
+        self.module, self.target = module, target
+
+    def __call__(self, *args, **kwargs):
+        if COMPOSE_OVER:
+            reseat(self.target)
+        return type(self.module)._call_impl(self.module, *args, **kwargs)
+
+
+def _guard(model, target) -> None:
+    if isinstance(target.__dict__.get("forward"), PatchedForward):
+        target.__dict__[_SAVED] = target.__dict__["forward"]
+    for module in {id(m): m for m in (model, target) if isinstance(m, torch.nn.Module)}.values():
+        if not isinstance(module.__dict__.get("_call_impl"), _ReseatOnCall):
+            module.__dict__["_call_impl"] = _ReseatOnCall(module, target)
+
+
+def _unguard(model, target) -> None:
+    target.__dict__.pop(_SAVED, None)
+    for module in (model, target):
+        if isinstance(getattr(module, "__dict__", {}).get("_call_impl"), _ReseatOnCall):
+            del module.__dict__["_call_impl"]
 
 
 @contextlib.contextmanager
@@ -288,7 +356,7 @@ def _patch_class(cls, options):
 
     forward.__hf_fusedce__ = True
     _CLASS_PATCHES[cls] = stock
-    cls.forward = forward
+    _CLASS_OURS[cls] = cls.forward = forward
 
 
 def _patch_classes(options):
@@ -308,6 +376,7 @@ def _patch_classes(options):
             result = stock_post_init(self, *args, **kwargs)
             if type(self).__name__ in names and HEADS.get(model_type_of(self)):
                 _patch_class(type(self), _GLOBAL["options"])
+                _guard(self, self)
                 if self.get_output_embeddings() is not None:
                     gather.install(self.get_output_embeddings())
             return result
@@ -320,6 +389,7 @@ def _unpatch_classes():
     for cls, stock in _CLASS_PATCHES.items():
         cls.forward = stock
     _CLASS_PATCHES.clear()
+    _CLASS_OURS.clear()
     if "post_init" in _GLOBAL:
         PreTrainedModel.post_init = _GLOBAL.pop("post_init")
     _GLOBAL.pop("options", None)

@@ -5,8 +5,11 @@ off, in either order, with one info line:
 - Liger applied after the patch: its `apply_liger_kernel_to_*` functions (also what Trainer's and TRL's
   `use_liger_kernel=True` call) are wrapped to pass `fused_linear_cross_entropy=False, cross_entropy=False`
   for a patched model (or any model while the global patch is on);
-- Liger applied before the patch, or by an unwrapped function: `compose(model)` drops Liger's forward from
-  under (or over) ours, back to the model class's own forward.
+- Liger applied before the patch: `compose(model)` drops Liger's forward from under (or over) ours, back to the
+  model class's own forward;
+- Liger applied after the patch by a function bound before it was wrapped (`from liger_kernel.transformers import
+  apply_liger_kernel_to_llama` at the top of a script): the patched model takes Liger's forward off again at its
+  next call or `is_patched` (hf.patching.COMPOSE_OVER; instance and class patches alike).
 liger_kernel is imported only when installed and imported by someone (an import hook waits for it).
 """
 from __future__ import annotations
@@ -34,12 +37,13 @@ def activate(model=None, **patch_options) -> None:
     if not _STATE["hooked"]:
         _STATE["hooked"] = True
         after_import(MONKEY_PATCH, _wrap_apply_functions)
+        patching.COMPOSE_OVER.append(_taken_off)
     if model is not None:
         compose(model, **patch_options)
 
 
 def is_liger_forward(fwd) -> bool:
-    func = getattr(fwd, "__func__", fwd)
+    func = fwd.func if isinstance(fwd, functools.partial) else getattr(fwd, "__func__", fwd)
     return (getattr(func, "__globals__", {}).get("__name__") or "").startswith("liger_kernel")
 
 
@@ -61,6 +65,15 @@ def compose(model, **patch_options) -> bool:
         _info(type(target).__name__)
         return True
     return False
+
+
+def _taken_off(fwd) -> bool:
+    """patching.COMPOSE_OVER: Liger's forward assigned over a patched model's (by an apply function bound
+    before it was wrapped) is taken off again: its layer kernels are module-level and stay."""
+    if not is_liger_forward(fwd):
+        return False
+    _info("a patched model")
+    return True
 
 
 def compose_trainer(trainer) -> None:
