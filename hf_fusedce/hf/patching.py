@@ -240,7 +240,7 @@ def unpatch(model=None):
 
 def is_patched(model) -> bool:
     """Whether the model's forward is hf_fusedce's (instance or class patch); False once something else (TRL's
-    fused head, Liger, Unsloth, ...) replaced it."""
+    fused head, Unsloth, ...) replaced it. A COMPOSE_OVER forward (Liger's) assigned over ours is taken off first."""
     target = unwrap(model)
     reseat(target)
     if "forward" in target.__dict__:

@@ -2,8 +2,8 @@
 
 `hf.patching.patch` knows transformers only. This layer adds, each imported only if its library is installed:
 TRL's fused LM head protocol (trl.py) and Liger Kernel composition (liger.py); and it watches a patched
-model so that a forward replaced by someone else afterwards (an older TRL, Liger, Unsloth, ...) is reported
-once, by name, at the first training forward (`is_patched` is then False).
+model so that a forward replaced by someone else afterwards (an older TRL, Unsloth, ...) is reported once, by
+name, at the first training forward (`is_patched` is then False); Liger's is taken off again (liger.py).
 """
 from __future__ import annotations
 
