@@ -305,7 +305,7 @@ class _ReseatOnCall:
 def _guard(model, target) -> None:
     if isinstance(target.__dict__.get("forward"), PatchedForward):
         target.__dict__[_SAVED] = target.__dict__["forward"]
-    for module in {id(m): m for m in (model, target) if isinstance(m, torch.nn.Module)}.values():
+    for module in (target,) if model is target else (model, target):  # a PeftModel calls its base's `.forward`
         if not isinstance(module.__dict__.get("_call_impl"), _ReseatOnCall):
             module.__dict__["_call_impl"] = _ReseatOnCall(module, target)
 
