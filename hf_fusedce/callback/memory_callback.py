@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from . import memory
+from .. import memory
 
 MiB = 2**20
 MAX_INTERVALS_KEPT = 2000
@@ -93,7 +93,7 @@ def _is_partitioned(weight) -> bool:
 
 
 def _fused_op_kwargs(options: dict) -> dict:
-    from .ops import fused_linear_cross_entropy
+    from ..ops import fused_linear_cross_entropy
 
     accepted = set(inspect.signature(fused_linear_cross_entropy).parameters) - {"hidden", "weight", "targets"}
     return {k: v for k, v in options.items() if k in accepted}
@@ -112,7 +112,7 @@ def stock_loss_head(hidden, weight, targets, n_valid, autocast_dtype: torch.dtyp
 
 def fused_loss_head(hidden, weight, targets, n_valid, autocast_dtype: torch.dtype | None = None, **options):
     """The same, with the fused op (`options`: its keyword arguments, e.g. chunk_budget_bytes)."""
-    from .ops import fused_linear_cross_entropy
+    from ..ops import fused_linear_cross_entropy
 
     with torch.autocast(hidden.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss = fused_linear_cross_entropy(hidden, weight, targets, num_items_in_batch=n_valid, **options)
@@ -190,7 +190,7 @@ class FusedCEMemoryCallback(TrainerCallback):
 
     # ---- training events ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .hf.patching import is_patched
+        from ..hf.patching import is_patched
 
         self._reset()
         self._device = args.device
@@ -277,7 +277,7 @@ class FusedCEMemoryCallback(TrainerCallback):
         return _reduce_probe(result, self._device)
 
     def _probe_batch(self, batch, args) -> dict:
-        from .hf.patching import unwrap
+        from ..hf.patching import unwrap
 
         ref = batch["labels"] if batch["labels"] is not None else batch["input_ids"]
         if ref is None or ref.dim() != 2:
