@@ -34,3 +34,8 @@ def test_results_match_installed_transformers_and_table():
 def test_enough_families_proven():
     proven = {r["model_type"] for r in cards.load()["results"] if r["status"] == "proven"}
     assert len(proven) >= 100
+
+
+def test_docs_models_page_matches_the_generator():
+    """docs/models.md is generated from the same proof as the cards (`python -m hf_fusedce.cards` writes both)."""
+    assert cards.DOCS_PAGE.read_text() == cards.render_docs_page(cards.load()), f"docs/models.md is stale: {FIX}"
