@@ -129,18 +129,40 @@ def _distill(tmp_path):
             "teacher_hidden": torch.randn(2, 5, 24, generator=g)}
 
 
+def _liger_llama(tmp_path, cleanup):
+    """A tiny Llama; Liger swaps names of transformers' modeling_llama module: they are put back afterwards."""
+    from transformers.models.llama import modeling_llama
+
+    from hf_fusedce.testing import tiny_llama
+
+    saved = dict(vars(modeling_llama))
+    forward = modeling_llama.LlamaForCausalLM.forward
+
+    def restore():
+        for name in [n for n in vars(modeling_llama) if n not in saved]:
+            delattr(modeling_llama, name)
+        for name, value in saved.items():
+            setattr(modeling_llama, name, value)
+        modeling_llama.LlamaForCausalLM.forward = forward
+
+    cleanup(restore)
+    return {"model": tiny_llama(97, 32)}
+
+
 SETUPS = {"op_inputs": _op_inputs, "tiny_checkpoint": _tiny_checkpoint, "trainer": _trainer, "sft": _sft,
-          "distill": _distill}
+          "distill": _distill, "liger_llama": _liger_llama}
+NEEDS_CLEANUP = {"liger_llama"}
 
 
 # ---- the tests ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
-def test_code_block_runs(block, tmp_path, monkeypatch):
+def test_code_block_runs(block, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # whatever a block writes lands here
     namespace = {"__name__": "__doc_block__"}
     if block.setup is not None:
         assert block.setup in SETUPS, f"{block.id}: unknown set-up {block.setup!r}; known: {sorted(SETUPS)}"
-        namespace.update(SETUPS[block.setup](tmp_path))
+        extra = (request.addfinalizer,) if block.setup in NEEDS_CLEANUP else ()
+        namespace.update(SETUPS[block.setup](tmp_path, *extra))
     exec(compile(block.code, block.id, "exec"), namespace)  # noqa: S102 - the documentation's own code
 
 
