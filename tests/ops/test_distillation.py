@@ -11,7 +11,8 @@ import torch
 
 from hf_fusedce import fused_linear_distillation
 from hf_fusedce.ops import reference_linear_distillation, triton_available
-from hf_fusedce.testing import assert_within_tolerance, rel_err, run_with_grads, tolerance_for
+from hf_fusedce.testing import (assert_as_accurate_as_materialized, assert_within_tolerance, rel_err,
+                                run_with_grads, tolerance_for)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_available(DEVICE) else [])
@@ -255,16 +256,24 @@ def test_entropy_sum_from_the_same_pass(backend, beta):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_large_vocabulary_keeps_float32_accuracy(backend, beta):
-    """V = 32000: per-row sums over the vocabulary must not drift (a sequential dot product lost 1e-5 here)."""
+    """V = 32000: per-row sums over the vocabulary must not drift (a sequential dot product lost 1e-5 here). The
+    bound is the materialized float32 run's own error (x4): a fixed 1e-5 failed on another CPU (issue 24: dh
+    1.14e-5 there, 6.5e-6 here, materialized 4.8e-6 here)."""
     g = torch.Generator().manual_seed(4)
     hs, ws = torch.randn(6, 16, generator=g), torch.randn(32000, 16, generator=g) * 0.8
     ht, wt = torch.randn(6, 24, generator=g), torch.randn(32000, 24, generator=g)
-    results = []
-    for fn, dtype in ((ours(backend, budget=None), torch.float32), (reference_linear_distillation, torch.float64)):
-        h = hs.to(DEVICE, dtype).requires_grad_()
-        loss = fn(h, ws.to(DEVICE, dtype), ht.to(DEVICE, dtype), wt.to(DEVICE, dtype), beta=beta, temperature=1.3)
-        results.append((loss.detach(), torch.autograd.grad(loss, h)[0]))
-    assert rel_err(results[0][0], results[1][0]) <= 1e-5 and rel_err(results[0][1], results[1][1]) <= 1e-5
+    got, mat, ref = (
+        large_vocabulary_loss_and_dh(fn, dtype, hs, ws, ht, wt, beta)
+        for fn, dtype in ((ours(backend, budget=None), torch.float32), (reference_linear_distillation, torch.float32),
+                          (reference_linear_distillation, torch.float64)))
+    for name, a, m, r in zip(("loss", "dh"), got, mat, ref):
+        assert_as_accurate_as_materialized(a, r, m, name=name)
+
+
+def large_vocabulary_loss_and_dh(fn, dtype, hs, ws, ht, wt, beta):
+    h = hs.to(DEVICE, dtype).requires_grad_()
+    loss = fn(h, ws.to(DEVICE, dtype), ht.to(DEVICE, dtype), wt.to(DEVICE, dtype), beta=beta, temperature=1.3)
+    return loss.detach(), torch.autograd.grad(loss, h)[0]
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
