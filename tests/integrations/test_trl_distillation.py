@@ -10,7 +10,7 @@ trl_distill = pytest.importorskip("trl.trainer.distillation_trainer")
 
 import hf_fusedce  # noqa: E402
 from hf_fusedce.integrations import trl_distillation  # noqa: E402
-from hf_fusedce.testing import rel_err  # noqa: E402
+from hf_fusedce.testing import assert_as_accurate_as_materialized, reduction_bound, rel_err  # noqa: E402
 
 
 def _heads(seed=0, b=2, s=7, d=24, dt=40, v=97):
@@ -62,6 +62,22 @@ def _trainer(tmp_path):
                                processing_class=load_demo_tokenizer()), student
 
 
+def _float64_step(trainer, inputs):
+    """The stock step's loss and gradients with student and teacher in float64 (the truth), back in float32 after."""
+    student, teacher = trainer.model, trainer.teacher_model
+    hf_fusedce.unpatch(student)
+    try:
+        student.double(), teacher.double()
+        student.zero_grad()
+        loss = trainer.compute_loss(student, inputs)
+        loss.backward()
+        return loss.detach(), student.lm_head.weight.grad.clone(), student.model.norm.weight.grad.clone()
+    finally:
+        student.float(), teacher.float()
+        student.zero_grad()
+        hf_fusedce.patch(student)
+
+
 def test_trainer_uses_the_fused_op_only_for_a_patched_student(tmp_path, monkeypatch):
     trainer, student = _trainer(tmp_path)
     g = torch.Generator().manual_seed(0)
@@ -80,8 +96,14 @@ def test_trainer_uses_the_fused_op_only_for_a_patched_student(tmp_path, monkeypa
         loss.backward()
         results.append((loss.detach(), student.lm_head.weight.grad.clone(), student.model.norm.weight.grad.clone()))
         assert len(calls) == int(patch), "the fused op must run exactly when the student is patched"
-    for name, a, b in zip(("loss", "dW lm_head", "d norm"), *results):
-        assert rel_err(b, a) <= 1e-5, f"{name}: rel err {rel_err(b, a):.2e}"
+    # Against float64 (issue 24: a fixed 1e-5 between fused and stock float32 sat at 6.3e-6 here). Gradients: as
+    # accurate as TRL's float32 step (dW 6.8e-6 vs 4.7e-6 measured). The loss: the fused op forms each row's
+    # divergence from sums over V = 32000 logits, TRL sums it elementwise (3e-7), so its bound is the sum length's
+    # (2 ulps x sqrt(V) = 2.1e-5; measured 6.1e-6 with 1 and 2 threads).
+    stock, fused, exact = results[0], results[1], _float64_step(trainer, inputs)
+    assert rel_err(fused[0], exact[0]) <= reduction_bound(student.config.vocab_size), rel_err(fused[0], exact[0])
+    for name, s, f, e in zip(("dW lm_head", "d norm"), stock[1:], fused[1:], exact[1:]):
+        assert_as_accurate_as_materialized(f, e, s, name=name)
     assert trl_distill._chunked_divergence_loss is trl_distillation._STOCK["loss"]  # restored after the step
 
     out = trainer.train()  # one real on-policy step (generation, teacher forward, fused loss, optimizer)
