@@ -142,8 +142,8 @@ def test_chunk_size_does_not_change_result(backend):
                   chunk_budget_bytes=1)
     one_chunk = run(fused_linear_cross_entropy, params, targets, kwargs, upstream, backend=backend,
                     chunk_budget_bytes=1 << 30)
-    for a, b in zip(one_row, one_chunk):
-        assert rel_err(a, b) < 1e-6
+    for a, b in zip(one_row, one_chunk):  # two float32 summation orders: 3.1e-7 (2 threads), 3.9e-7 (1 thread)
+        assert rel_err(a, b) < 1e-6  # measured on one CPU (2.5x margin); a chunk-boundary bug moves it by O(1/rows)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
