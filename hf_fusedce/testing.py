@@ -209,7 +209,7 @@ def accuracy_bound(ref: torch.Tensor, materialized: torch.Tensor, *, c: float = 
     on one CPU an op's dh error was 6.5e-6, on another 1.14e-5 (issue 24). The materialized run on the same
     machine carries the same conditioning (cancellation in p - q, vocabulary length), so the ratio is what is
     portable. c = 4: ours sums in a different order (chunks, row blocks) than the materialized run, so its error
-    is another draw of the same size; measured ratios are 0.3-1.6 (docs/numerics-tolerances.md). A wrong
+    is another draw of the same size; measured ratios 0.66-1.44 (docs/numerics-tolerances.md). A wrong
     gradient (a dropped vocabulary term out of 32000, a chunk counted twice) is well beyond it
     (tests/ops/test_accuracy_oracle.py)."""
     if eps is None:
