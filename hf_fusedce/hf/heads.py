@@ -67,8 +67,8 @@ _SOFTCAP_TYPES = """beam gemma2 gemma3_text gemma3n gemma3n_text gemma4 gemma4_t
 gemma4_unified_text nanochat vaultgemma""".split()
 
 _AUX_TYPES = """dbrx deepseek_v4 ernie4_5_moe flex_olmo flint gpt_oss jamba laguna mellum minimax
-minimax_m2 minimax_m3_vl_text mixtral olmoe phimoe qwen2_moe qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next
-qwen4_exp qwen4_exp_text""".split()
+minimax_m2 minimax_m3_vl_text mixtral olmoe phimoe qwen2_moe qwen3_5_moe_text qwen3_moe qwen3_next
+qwen4_exp_text""".split()
 
 _UNSHIFTED_TYPES = """bart bigbird_pegasus blenderbot blenderbot-small cpmant marian mbart mvp pegasus plbart
 trocr whisper""".split()
@@ -84,9 +84,11 @@ mistral4 molmo2 muse_spark nemo_speechlm ovis2 paddleocr_vl paligemma perception
 qwen2_5_omni_thinker qwen2_5_vl qwen2_vl qwen3_asr qwen3_vl shieldgemma2 smolvlm step3p7 blip-2 unlimited_ocr
 vibevoice_asr video_llama_3 video_llava vipllava voxtral voxtral_realtime
 """.split()
-_MULTIMODAL_AUX_TYPES = "ernie4_5_vl_moe glm4v_moe glm5_next minimax_m3_vl qwen3_omni_moe_thinker qwen3_vl_moe".split()
+# MoE: the router loss coefficient is read from the text config (the multimodal classes have no attribute of it)
+_MULTIMODAL_AUX_TYPES = """ernie4_5_vl_moe glm4v_moe glm5_next minimax_m3_vl qwen3_omni_moe_thinker qwen3_vl_moe
+qwen3_5_moe qwen4_exp""".split()
 
-HEADS: dict[str, HeadSpec] = {
+_MULTIMODAL_HEADS: dict[str, HeadSpec] = {
     **{t: PLAIN for t in _MULTIMODAL_PLAIN_TYPES},
     **{t: HeadSpec(router_aux="text_config.router_aux_loss_coef") for t in _MULTIMODAL_AUX_TYPES},
     "granite4_vision": HeadSpec(logit_div="text_config.logits_scaling"),
@@ -99,6 +101,9 @@ HEADS: dict[str, HeadSpec] = {
     "qwen2_audio": _MEAN_ONLY,
     "granite_speech": _MEAN_ONLY,
     "granite_speech_plus": _MEAN_ONLY,
+}
+
+HEADS: dict[str, HeadSpec] = {
     **{t: PLAIN for t in _PLAIN_TYPES},
     **{t: _SOFTCAP for t in _SOFTCAP_TYPES},
     **{t: _AUX for t in _AUX_TYPES},
@@ -119,6 +124,7 @@ HEADS: dict[str, HeadSpec] = {
     "minicpm3": HeadSpec(pre_head="hidden / config.logits_scaling"),
     "bamba": HeadSpec(z_loss="z_loss_coefficient"),
     "jetmoe": HeadSpec(router_aux="aux_loss_coef"),
+    **_MULTIMODAL_HEADS,  # last: a type with a text class and a multimodal class takes the entry both satisfy
 }
 
 # Families whose loss head the table cannot express exactly: patching them is refused.

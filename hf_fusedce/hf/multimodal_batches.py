@@ -53,12 +53,14 @@ def _with_sizes(model, g):  # Mistral3 / Pixtral: square pixels + their (h, w)
     return {"pixel_values": _pixels(g, BATCH, 3, size, size), "image_sizes": torch.tensor([[size, size]] * BATCH)}
 
 
-def _grid(h, w):  # Qwen2-VL family, GLM-4V: flattened patches + (t, h, w) per image
+def _grid(h, w, flat: bool = True):  # Qwen2-VL family, GLM-4V: flattened patches + (t, h, w) per image
     def make(model, g):
         v = model.config.vision_config
         temporal = getattr(v, "temporal_patch_size", None) or getattr(v, "patch_temporal", 1)
-        patch = getattr(v, "in_channels", 3) * temporal * v.patch_size ** 2
-        return {"pixel_values": _pixels(g, BATCH * h * w, patch), "image_grid_thw": torch.tensor([[1, h, w]] * BATCH)}
+        patch = (getattr(v, "in_channels", 3) * temporal * v.patch_size ** 2,) if flat else \
+            (3, v.patch_size, v.patch_size)  # patches kept as images
+        return {"pixel_values": _pixels(g, BATCH * h * w, *patch),
+                "image_grid_thw": torch.tensor([[1, h, w]] * BATCH)}
     return make
 
 
@@ -83,6 +85,14 @@ def _named(make, name: str):  # the same pixels under another input name (Video-
         out[name] = out.pop("pixel_values")
         return out
     return renamed
+
+
+def _merged_grid(h, w):  # VideoLLaMA3: the grid plus each image's merge size
+    grid = _grid(h, w)
+
+    def make(model, g):
+        return {**grid(model, g), "image_merge_sizes": torch.tensor([2] * BATCH)}
+    return make
 
 
 def _mm_token_types(model, ids, media):  # 1 on image tokens, 0 on text
@@ -176,6 +186,23 @@ BATCHES: dict[str, MediaBatch] = {
         "vision_config": _QWEN25_VISION, "text_config": _QWEN_ROPE}, per_row=_mm_token_types),
     "qwen3_omni_moe_thinker": MediaBatch(_grid(4, 4), "image_token_id", {
         "vision_config": _QWEN3_VISION, "text_config": _QWEN_ROPE}, per_row=_mm_token_types),
+    "qwen3_5": MediaBatch(_grid(4, 4), "image_token_id", {"vision_config": _QWEN3_VISION}, per_row=_mm_token_types),
+    "qwen3_5_moe": MediaBatch(_grid(4, 4), "image_token_id", {"vision_config": _QWEN3_VISION},
+                              per_row=_mm_token_types),
+    "qwen4_exp": MediaBatch(_grid(4, 4), "image_token_id", {"vision_config": _QWEN3_VISION}, per_row=_mm_token_types),
+    "cosmos3_omni": MediaBatch(_grid(4, 4), "image_token_id", {"vision_config": _QWEN3_VISION,
+                                                               "text_config": _QWEN_ROPE}, per_row=_mm_token_types),
+    "hyperclovax_vision_v2": MediaBatch(_grid(4, 8), "image_token_id", {"vision_config": _QWEN25_VISION}),
+    "exaone4_5": MediaBatch(_grid(4, 4), "image_token_id", {"vision_config": {"patch_size": 8, "depth": 2}}),
+    "minimax_m3_vl": MediaBatch(_grid(4, 4), "image_token_id", {"vision_config": {"patch_size": 8}}),
+    "video_llama_3": MediaBatch(_merged_grid(4, 4), "image_token_id", {"vision_config": {"patch_size": 8}}),
+    "mistral_large4": MediaBatch(_with_sizes, "image_token_id"),
+    "pp_chart2table": MediaBatch(_square, "image_token_id"),
+    "qianfan_ocr": MediaBatch(_square, "image_token_id"),
+    "qwen3_asr": MediaBatch(_mel("max_source_positions", "input_features_mask"), "audio_token_id",  # 100 frames:
+                            {"audio_config": {"max_source_positions": 50, "num_mel_bins": 16}}, kind="audio"),  # 2 windows
+    "glmasr": MediaBatch(_mel("max_source_positions", "input_features_mask"), "audio_token_id",
+                         {"audio_config": {"max_source_positions": 16, "num_mel_bins": 16}}, kind="audio"),
     "vipllava": MediaBatch(_square, "image_token_id", {"vision_config": _CLIP, "vision_feature_layers": [-1, -2]}),
     "video_llava": MediaBatch(_named(_square, "pixel_values_images"), "image_token_id", {"vision_config": _CLIP}),
     "llava_next_video": MediaBatch(_anyres, "image_token_id", {
@@ -215,7 +242,9 @@ PIXTRAL = MediaBatch(_with_sizes, "image_token_id", {"vision_config": {
 EXTRA = {"pixtral": ("llava", PIXTRAL)}
 
 # Families of the multimodal mappings proven on text only, with the reason (the default reason otherwise).
-TEXT_ONLY: dict[str, str] = {}
+TEXT_ONLY: dict[str, str] = {
+    "evolla": "a protein-text model: its other input is a protein sequence (protein_input_ids), not an image",
+}
 _DEFAULT_REASON = "no image/audio batch builder in hf_fusedce/hf/multimodal_batches.py yet; its media inputs run stock"
 
 

@@ -17,7 +17,9 @@ MUST_PROVE = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2"
 # Vision- and audio-language families proven in CI on an image / audio batch (the others: tests/hf/test_multimodal.py
 # -m slow, `hf-fusedce check --all`)
 MEDIA_REQUIRED = ["gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "idefics3",
-                  "smolvlm", "paligemma", "mistral3", "llama4", "qwen2_audio", "voxtral"]
+                  "smolvlm", "paligemma", "mistral3", "llama4", "qwen2_audio", "voxtral",
+                  # the other families Liger-Kernel 0.8.5 patches (its "pixtral": tests/hf/test_multimodal.py)
+                  "qwen3_vl_moe", "mllama", "glm4v", "glm4v_moe", "muse_glimmer"]
 REQUIRED = sorted({*MUST_PROVE, *MEDIA_REQUIRED, "recurrent_gemma", "hyperclovax", "granitemoe", "bamba",
                    "jetmoe", "bart", "reformer", "mamba", "rwkv", "llama4_text"})
 # In the table (plain head) but float32 rounding in the model body exceeds 1e-5 and the stock model cannot
