@@ -95,6 +95,33 @@ def _merged_grid(h, w):  # VideoLLaMA3: the grid plus each image's merge size
     return make
 
 
+def _hybrid(model, g):  # DeepSeek-VL hybrid: a low- and a high-resolution view of each image
+    low, high = _vision_size(model), model.config.high_res_vision_config.image_size
+    return {"pixel_values": _pixels(g, BATCH, 3, low, low), "high_res_pixel_values": _pixels(g, BATCH, 3, high, high)}
+
+
+def _fuyu(model, g):  # Fuyu: each image as a row of flattened patches
+    patch = model.config.patch_size
+    return {"pixel_values": _pixels(g, BATCH, 4, model.config.num_channels * patch * patch)}
+
+
+def _navit(h, w):  # SigLIP2 NaViT (LFM2-VL): padded patch rows, each image's (h, w) patch grid and a patch mask
+    def make(model, g):
+        v = model.config.vision_config
+        return {"pixel_values": _pixels(g, BATCH, h * w, v.num_channels * v.patch_size ** 2),
+                "spatial_shapes": torch.tensor([[h, w]] * BATCH),
+                "pixel_attention_mask": torch.ones(BATCH, h * w, dtype=torch.bool)}
+    return make
+
+
+def _frames(n: int):  # Granite Speech: (B, frames, features) and a mask over the projected audio tokens
+    def make(model, g):
+        tokens = n // model.config.downsample_rate
+        return {"input_features": _pixels(g, BATCH, n, model.config.encoder_config.input_dim),
+                "input_features_mask": torch.ones(BATCH, tokens, dtype=torch.bool)}
+    return make
+
+
 def _mm_token_types(model, ids, media):  # 1 on image tokens, 0 on text
     return {"mm_token_type_ids": media.long()}
 
@@ -203,6 +230,16 @@ BATCHES: dict[str, MediaBatch] = {
                             {"audio_config": {"max_source_positions": 50, "num_mel_bins": 16}}, kind="audio"),  # 2 windows
     "glmasr": MediaBatch(_mel("max_source_positions", "input_features_mask"), "audio_token_id",
                          {"audio_config": {"max_source_positions": 16, "num_mel_bins": 16}}, kind="audio"),
+    "deepseek_vl_hybrid": MediaBatch(_hybrid, "image_token_id", {"high_res_vision_config": {
+        "image_size": 64, "patch_size": 8, "hidden_size": 32, "output_channels": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "global_attn_indexes": [1], "mlp_dim": 64}}),
+    "fuyu": MediaBatch(_fuyu, "image_token_id"),
+    "lfm2_vl": MediaBatch(_navit(4, 4), "image_token_id"),
+    "lfm3_vl": MediaBatch(_grid(4, 4), "image_token_id", {"vision_config": {"patch_size": 8}}),
+    "granite_speech": MediaBatch(_frames(30), "audio_token_id", {
+        "encoder_config": {"hidden_dim": 32, "num_heads": 4, "dim_head": 8, "context_size": 8, "input_dim": 16},
+        "projector_config": {"hidden_size": 32, "encoder_hidden_size": 32, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "intermediate_size": 64}}, kind="audio"),
     "vipllava": MediaBatch(_square, "image_token_id", {"vision_config": _CLIP, "vision_feature_layers": [-1, -2]}),
     "video_llava": MediaBatch(_named(_square, "pixel_values_images"), "image_token_id", {"vision_config": _CLIP}),
     "llava_next_video": MediaBatch(_anyres, "image_token_id", {
@@ -232,6 +269,7 @@ BATCHES: dict[str, MediaBatch] = {
 
 BATCHES["glmga"] = BATCHES["glm46v"]  # the same class (Glm46VForConditionalGeneration)
 BATCHES["shieldgemma2"] = BATCHES["gemma3"]  # Gemma3ForConditionalGeneration
+BATCHES["granite_speech_plus"] = BATCHES["granite_speech"]  # the same speech encoder and Q-Former projector
 
 # Pixtral-12B is a LlavaForConditionalGeneration with a Pixtral vision tower (Liger patches it as "pixtral"): proven
 # as its own entry on the llava class (`base`), not a model type of the mappings.
