@@ -282,6 +282,12 @@ EXTRA = {"pixtral": ("llava", PIXTRAL)}
 # Families of the multimodal mappings proven on text only, with the reason (the default reason otherwise).
 TEXT_ONLY: dict[str, str] = {
     "evolla": "a protein-text model: its other input is a protein sequence (protein_input_ids), not an image",
+    **dict.fromkeys(("gemma4", "gemma4_unified"), "the config class's defaults have no vision or audio sub-config: "
+                    "a media batch cannot be built from the config alone"),
+    "emu3": "images enter as VQ-VAE codes: the tiny VQ-GAN of the default vq_config is not shrunk by the proof yet",
+    "moss_transcribe_diarize": "its audio features also need a raw-audio padding_mask; no builder yet",
+    "kimi_k25": "its vision projector's normalized width (1152) is not derived from the shrunk vision config; no "
+                "builder yet",
 }
 _DEFAULT_REASON = "no image/audio batch builder in hf_fusedce/hf/multimodal_batches.py yet; its media inputs run stock"
 

@@ -116,3 +116,17 @@ def test_pixtral_vision_tower_on_the_llava_class():
 @pytest.mark.parametrize("model_type", sorted(multimodal_batches.BATCHES))
 def test_every_media_batch(model_type):
     assert proof.prove_multimodal(model_type) <= proof.TOL
+
+
+def test_global_patch_reaches_a_vision_language_class():
+    """patch() with no model: classes of the image-text-to-text mapping are patched when built."""
+    model, ids, labels, extra = multimodal_batches.build_batch("llava")
+    stock = model(input_ids=ids, labels=labels, **extra).loss
+    hf_fusedce.patch(backend="torch")
+    try:
+        fresh, *_ = multimodal_batches.build_batch("llava")
+        out = fresh(input_ids=ids, labels=labels, **extra)
+        assert hf_fusedce.is_patched(fresh)
+    finally:
+        hf_fusedce.unpatch()
+    assert out.logits is None and rel_err(out.loss, stock) <= proof.TOL
