@@ -1,4 +1,4 @@
-"""TRL on a vision-language model (a tiny Qwen2-VL, image + text rows, a processor built offline): TRL's
+"""TRL on vision-language models (tiny Qwen2-VL and LLaVA, image + text rows, processors built offline): TRL's
 fused_lm_head protocol, SFTTrainer and one GRPO step on hf_fusedce's head against the same on TRL's own head:
 same per-token outputs, gradients, logged metrics and updated parameters (vision tower included, fp32), the
 images reached the vision tower, and no step created a tokens x vocabulary tensor."""
@@ -13,7 +13,7 @@ pytest.importorskip("PIL")
 import hf_fusedce  # noqa: E402
 from hf_fusedce.testing import rel_err  # noqa: E402
 from integration_helpers import StepTracker, assert_same_metrics, logged  # noqa: E402
-from vlm_helpers import image_batch, images, qwen2_vl_processor, tiny_qwen2_vl, vision_records  # noqa: E402
+from vlm_helpers import FAMILIES, image_batch, images, vision_records, vision_tower  # noqa: E402
 
 BUDGET = 1 << 20  # bytes of logits per chunk: 8 rows of the 32k vocabulary, far below a step's tokens
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -21,9 +21,15 @@ HEAD = dict(temperature=0.7, outputs=FIELDS)
 SFT_METRICS = ("loss", "entropy", "mean_token_accuracy", "grad_norm")
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return qwen2_vl_processor()
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """(processor, build(processor) -> a fresh seeded tiny model)."""
+    make_processor, build = FAMILIES[request.param]
+    return make_processor(), build
+
+
+def _is_vision(name):
+    return ".visual." in name or ".vision_tower." in name or ".multi_modal_projector." in name
 
 
 def _patch(model):
@@ -37,7 +43,7 @@ class _VisionCalls:
 
     def __init__(self, model):
         self.calls = 0
-        model.model.visual.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+        vision_tower(model).register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
 
 
 # ---- the protocol, without a trainer ------------------------------------------------------------------------
@@ -57,12 +63,13 @@ def _trl_head(model):
 
 
 @pytest.mark.parametrize("order", ["patch-then-trl", "trl-then-patch"])
-def test_protocol_on_vlm_matches_trl_head(processor, records, op_spy, order):
+def test_protocol_on_vlm_matches_trl_head(family, records, op_spy, order):
     import trl.trainer.utils as tu
+    processor, build = family
     batch = image_batch(processor, records[:3])
     assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
-    reference = _outputs_and_grads(_trl_head(tiny_qwen2_vl(processor)), batch)
-    model = tiny_qwen2_vl(processor)
+    reference = _outputs_and_grads(_trl_head(build(processor)), batch)
+    model = build(processor)
     if order == "patch-then-trl":
         _patch(model)
         tu.add_fused_lm_head(model, **HEAD)  # what every TRL trainer's __init__ calls
@@ -75,9 +82,10 @@ def test_protocol_on_vlm_matches_trl_head(processor, records, op_spy, order):
         a, b = getattr(o, name), getattr(t, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert torch.equal(a, b) if a.dtype == torch.bool else rel_err(a, b) < 1e-5, name
-    assert og.keys() == tg.keys() and any(n.startswith("model.visual.") for n in tg)
-    for name in tg:
-        assert rel_err(og[name], tg[name]) < 1e-5, name
+    assert og.keys() == tg.keys() and any(_is_vision(n) for n in tg)
+    floor = 1e-3 * max(g.abs().max() for g in tg.values())  # a gradient that is zero in exact arithmetic (the
+    for name, g in tg.items():  # key bias under softmax) is rounding noise in both: compare it to a floor
+        assert (og[name] - g).abs().max() <= 1e-5 * max(g.abs().max(), floor), name
 
 
 # ---- SFTTrainer ---------------------------------------------------------------------------------------------
@@ -88,11 +96,12 @@ SFT_CONFIGS = {
 }
 
 
-def _sft(processor, records, tmp_path, name, patch_when):
+def _sft(family, records, tmp_path, name, patch_when):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    model = tiny_qwen2_vl(processor)
+    processor, build = family
+    model = build(processor)
     vision = _VisionCalls(model)
     if patch_when == "before":
         _patch(model)
@@ -116,21 +125,22 @@ def _same_updates(ours, stock, initial):
     mine = {n: (p - start[n]).detach() for n, p in ours.named_parameters()}
     theirs = {n: (p - start[n]).detach() for n, p in stock.named_parameters()}
     floor = 1e-3 * max(d.abs().max() for d in theirs.values())
-    assert floor > 0 and any(n.startswith("model.visual.") and d.abs().max() > floor for n, d in theirs.items())
+    assert floor > 0 and any(_is_vision(n) and d.abs().max() > floor for n, d in theirs.items())
     for name, d in theirs.items():
         rounding = 4 * torch.finfo(d.dtype).eps * start[name].detach().abs().max()  # of p - p0, in float32
         assert (mine[name] - d).abs().max() <= 1e-5 * max(d.abs().max(), floor) + rounding, name
 
 
-@pytest.mark.parametrize("name,patch_when", [("plain", "before"), ("assistant_only_loss", "before"),
-                                             ("plain", "after")])
-def test_sft_on_vlm_matches_trl_head(processor, records, tmp_path, op_spy, name, patch_when):
-    stock, stock_steps = _sft(processor, records, tmp_path, name, patch_when=None)
+@pytest.mark.parametrize("family,name,patch_when", [
+    ("qwen2_vl", "plain", "before"), ("qwen2_vl", "assistant_only_loss", "before"), ("qwen2_vl", "plain", "after"),
+    ("llava", "assistant_only_loss", "before")], indirect=["family"])
+def test_sft_on_vlm_matches_trl_head(family, records, tmp_path, op_spy, name, patch_when):
+    stock, stock_steps = _sft(family, records, tmp_path, name, patch_when=None)
     assert op_spy.calls == 0
-    ours, our_steps = _sft(processor, records, tmp_path, name, patch_when=patch_when)
+    ours, our_steps = _sft(family, records, tmp_path, name, patch_when=patch_when)
     assert hf_fusedce.is_patched(ours.model) and op_spy.calls >= 2
     assert_same_metrics(logged(ours, SFT_METRICS), logged(stock, SFT_METRICS), rtol=1e-5)
-    _same_updates(ours.model, stock.model, tiny_qwen2_vl(processor))
+    _same_updates(ours.model, stock.model, family[1](family[0]))
     assert our_steps.ratio < 0.5, f"a training step allocated {our_steps.ratio:.2f} x tokens x vocab"
     assert stock_steps.ratio > 0.5  # TRL's CPU tiles: the scored tokens' logits at once
 
@@ -141,13 +151,14 @@ def _reward(completions, **kwargs):
     return [len(c[-1]["content"] if isinstance(c, list) else c) / 10.0 for c in completions]
 
 
-def _grpo(processor, records, tmp_path, patch):
+def _grpo(family, records, tmp_path, patch):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    processor, build = family
     rows = [{"prompt": [{"role": "user", "content": r["messages"][0]["content"]}], "image": p}
             for r, p in zip(records[:4], images(4))]
-    model = tiny_qwen2_vl(processor)
+    model = build(processor)
     vision = _VisionCalls(model)
     if patch:
         _patch(model)
@@ -165,7 +176,7 @@ def _grpo(processor, records, tmp_path, patch):
     return trainer, tracker
 
 
-def test_grpo_step_on_vlm_matches_trl_head(processor, records, tmp_path, op_spy):
+def test_grpo_step_on_vlm_matches_trl_head(family, records, tmp_path, op_spy):
     """One step: sampled (seeded) generation from image prompts, a reward function, temperature 0.7."""
     skip = {"learning_rate", "epoch", "step_time", "train_runtime", "train_samples_per_second",
             "train_steps_per_second", "total_flos", "train_loss"}
@@ -174,11 +185,11 @@ def test_grpo_step_on_vlm_matches_trl_head(processor, records, tmp_path, op_spy)
         rows = [h for h in trainer.state.log_history if "loss" in h]
         return {k: [r[k] for r in rows if k in r] for k in sorted({k for r in rows for k in r} - skip)}
 
-    stock, _ = _grpo(processor, records, tmp_path, patch=False)
-    ours, steps = _grpo(processor, records, tmp_path, patch=True)
+    stock, _ = _grpo(family, records, tmp_path, patch=False)
+    ours, steps = _grpo(family, records, tmp_path, patch=True)
     assert hf_fusedce.is_patched(ours.model) and op_spy.calls >= 1
     mine, theirs = logs(ours), logs(stock)
     assert set(mine) == set(theirs) and {"entropy", "grad_norm", "reward"} <= set(mine)
     assert_same_metrics(mine, theirs, rtol=1e-5)
-    _same_updates(ours.model, stock.model, tiny_qwen2_vl(processor))
+    _same_updates(ours.model, stock.model, family[1](family[0]))
     assert steps.ratio < 0.5

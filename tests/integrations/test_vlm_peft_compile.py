@@ -1,4 +1,4 @@
-"""A vision-language model (tiny Qwen2-VL, image + text batch from its offline processor) through PEFT and
+"""Vision-language models (tiny Qwen2-VL and LLaVA, image + text batches from their offline processors) through PEFT and
 torch.compile, patched vs stock: LoRA on the language model and on lm_head with the vision tower frozen gives the
 same loss and every trainable gradient (fp32, 1e-5); torch.compile gives the stock compiled model's loss and
 gradients (fullgraph with 0 graph breaks on a text batch; on an image batch stock's own vision code breaks the
@@ -17,7 +17,7 @@ pytest.importorskip("PIL")
 import hf_fusedce  # noqa: E402
 from hf_fusedce.hf import forward  # noqa: E402
 from hf_fusedce.testing import rel_err  # noqa: E402
-from vlm_helpers import image_batch, qwen2_vl_processor, tiny_qwen2_vl  # noqa: E402
+from vlm_helpers import FAMILIES, image_batch, qwen2_vl_processor, tiny_qwen2_vl  # noqa: E402
 
 TOL = 1e-5
 LANGUAGE = r".*language_model.*\.(q_proj|v_proj|down_proj)"  # LoRA on the decoder only, not on model.visual
@@ -27,6 +27,12 @@ LORA = {
 }
 
 
+def _image_batch(processor, records):
+    out = image_batch(processor, records[:2])
+    assert (out["labels"][out["input_ids"] == processor.image_token_id] == -100).all()
+    return out
+
+
 @pytest.fixture(scope="module")
 def processor():
     return qwen2_vl_processor()
@@ -34,9 +40,7 @@ def processor():
 
 @pytest.fixture(scope="module")
 def batch(processor, records):
-    out = image_batch(processor, records[:2])
-    assert (out["labels"][out["input_ids"] == processor.image_token_id] == -100).all()
-    return out
+    return _image_batch(processor, records)
 
 
 def _patch(model):
@@ -56,13 +60,17 @@ def _loss_and_grads(model, batch, seed=11):
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("name", list(LORA))
 @pytest.mark.parametrize("order", ["patch-after", "patch-before"])
-def test_lora_on_vlm_exact(processor, batch, name, tie, order):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_on_vlm_exact(records, family, name, tie, order):
     from peft import LoraConfig, get_peft_model
 
+    make_processor, build = FAMILIES[family]
+    processor = make_processor()
+    batch = _image_batch(processor, records)
     kw = dict(r=4, lora_alpha=8, **LORA[name])
     if tie and "lm_head" in name:
         kw["ensure_weight_tying"] = True
-    base = tiny_qwen2_vl(processor, tie=tie)
+    base = build(processor, tie=tie)
     stock = get_peft_model(copy.deepcopy(base), LoraConfig(**kw)).train()
     fused = copy.deepcopy(base)
     if order == "patch-before":
@@ -77,7 +85,8 @@ def test_lora_on_vlm_exact(processor, batch, name, tie, order):
                 q.copy_(p)
     fused.train()
     assert hf_fusedce.is_patched(fused)
-    assert not any("visual" in n for n, p in stock.named_parameters() if p.requires_grad)  # vision tower frozen
+    assert not any(".visual." in n or ".vision_tower." in n  # the vision tower frozen
+                   for n, p in stock.named_parameters() if p.requires_grad)
     loss_s, g_s = _loss_and_grads(stock, batch)
     with mock.patch.object(forward, "_head_loss", wraps=forward._head_loss) as fused_path:
         loss_f, g_f = _loss_and_grads(fused, batch)
