@@ -95,6 +95,7 @@ def test_protocol_on_vlm_matches_trl_head(family, records, op_spy, order):
 SFT_CONFIGS = {
     "plain": {},  # TRL's VLM collator trains on every non-pad token, image tokens included
     "assistant_only_loss": {"assistant_only_loss": True},  # image and prompt tokens ignored
+    "prompt_completion": {},  # prompt / completion rows: TRL scores the completion only
 }
 
 
@@ -110,8 +111,10 @@ def _sft(family, records, tmp_path, name, patch_when):
     args = SFTConfig(output_dir=str(tmp_path / f"{name}-{patch_when}"), max_steps=2, per_device_train_batch_size=2,
                      learning_rate=0.5, optim="sgd", logging_steps=1, report_to=[], save_strategy="no",
                      use_cpu=True, max_length=None, seed=0, disable_tqdm=True, bf16=False, **SFT_CONFIGS[name])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(vision_records(records[:8])),
-                         processing_class=processor)
+    rows = vision_records(records[:8])
+    if name == "prompt_completion":
+        rows = [{"images": r["images"], "prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor)
     if patch_when == "after":
         _patch(trainer.model)
     tracker = StepTracker(trainer, len(processor.tokenizer))
@@ -135,7 +138,7 @@ def _same_updates(ours, stock, initial):
 
 @pytest.mark.parametrize("family,name,patch_when", [
     ("qwen2_vl", "plain", "before"), ("qwen2_vl", "assistant_only_loss", "before"), ("qwen2_vl", "plain", "after"),
-    ("llava", "assistant_only_loss", "before")], indirect=["family"])
+    ("qwen2_vl", "prompt_completion", "before"), ("llava", "assistant_only_loss", "before")], indirect=["family"])
 def test_sft_on_vlm_matches_trl_head(family, records, tmp_path, op_spy, name, patch_when):
     stock, stock_steps = _sft(family, records, tmp_path, name, patch_when=None)
     assert op_spy.calls == 0
