@@ -10,7 +10,8 @@ def register(subparsers) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model-type", action="append", help="a transformers model type (repeatable)")
     what.add_argument("--all", action="store_true",
-                      help="every causal-LM family of the installed transformers (a line per family as it is "
+                      help="every family of the installed transformers' causal-LM, image-text-to-text and "
+                           "multimodal-LM mappings (a line per family as it is "
                            "proven, with a progress bar and ETA on stderr; minutes on a CPU)")
     what.add_argument("--model", help="path of a local checkpoint (loaded in float32, CPU)")
     p.add_argument("--batches", type=int, default=2, help="synthetic batches for --model")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(proof.prove_checkpoint(args.model, batches=args.batches, seq_len=args.seq_len))
         print(_line(results[-1]))
     else:
-        types = sorted(proof.causal_lm_types()) if args.all else args.model_type
+        types = sorted(proof.fused_types()) if args.all else args.model_type
         # Each family's line is printed as soon as it is proven; the bar (stderr) shows progress and the ETA.
         with tqdm(types, unit="family", disable=len(types) < 2, dynamic_ncols=True) as bar:
             for model_type in bar:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..ops import fused_linear_cross_entropy
 from . import adapters, gather, tensor_parallel
-from .heads import MULTIMODAL_PROVEN, HeadSpec, model_type_of, resolve
+from .heads import HeadSpec, model_type_of, resolve
+from .proof import media_proven_types
 
 # Outside protocols the patched forward speaks, {call keyword: handler(model, original, spec, options, call)}:
 # a truthy keyword hands the call to its handler. hf_fusedce.integrations registers them (TRL's
@@ -42,9 +43,10 @@ class FusedOptions:
 
 
 # Keyword fragments of the inputs that make a multimodal model run its encoders (pixel_values, image_patches,
-# input_features, audio_input_features...): only families proven with such a batch (heads.MULTIMODAL_PROVEN)
-# fuse them; the others run stock with a warning.
+# input_features, audio_input_features...): only families whose recorded proof includes such a batch
+# (hf_fusedce/data/proof_results.json, variant "image" or "audio") fuse them; the others run stock with a warning.
 MULTIMODAL_INPUTS = ("pixel", "image", "video", "audio", "input_features", "input_values", "patches")
+MULTIMODAL_PROVEN: frozenset[str] = media_proven_types()  # read once: a set lookup in the forward (compile-safe)
 
 
 def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args, kwargs, positional=None):
@@ -195,7 +197,7 @@ def _full_operands(h2, weight, bias, vocab):
 
 def _head_loss(model, spec, options, head, hidden, call):
     targets, ignore_index = head_targets(model, spec, call, hidden)
-    num_items = call.get("num_items_in_batch") if spec.shift else None
+    num_items = call.get("num_items_in_batch") if spec.shift and not spec.mean_only else None
     t = head_transform(model, spec)
     softcap, scale = t.softcap, t.scale
 
@@ -247,14 +249,17 @@ def _detached_logits(h, weight, bias, softcap, scale):
 def router_aux(model, spec, call, base_out):
     if not spec.router_aux or base_out is None:
         return None
+    text = model.config.get_text_config()  # multimodal MoE models keep these in their text config
     wanted = call.get("output_router_logits")
     if wanted is None:
-        wanted = getattr(model.config, "output_router_logits", False)
+        wanted = getattr(model.config, "output_router_logits", None) or getattr(text, "output_router_logits", False)
     router_logits = getattr(base_out, "router_logits", None)
     if not wanted or router_logits is None:
         return None
     func = _module_attr(model, "load_balancing_loss_func")
-    return func(router_logits, model.num_experts, model.num_experts_per_tok, call.get("attention_mask"))
+    experts = getattr(model, "num_experts", None) or getattr(text, "num_experts", None) or text.num_local_experts
+    top_k = getattr(model, "num_experts_per_tok", None) or text.num_experts_per_tok
+    return func(router_logits, experts, top_k, call.get("attention_mask"))
 
 
 def _module_attr(model, name):

@@ -12,6 +12,8 @@ them) and then has to reproduce what the stock forward does *after* it. That is 
   (Mixtral family, when ``output_router_logits``); aux from the model module's own ``load_balancing_loss_func``
 - ``shift=False``: the model's loss is ``CrossEntropyLoss`` on *unshifted* labels (BART-style decoders), so
   ``num_items_in_batch`` is ignored as stock does
+- ``mean_only=True``: the shifted loss is ``CrossEntropyLoss``'s mean (Qwen2-Audio, Granite Speech): stock ignores
+  ``num_items_in_batch``, so do we
 - ``pre_head``: documentation of what the model applies before its head (already inside the captured hidden)
 
 Paths are resolved on the model: ``config.x`` (``text_config.x`` = ``config.get_text_config().x``) or a model
@@ -33,6 +35,7 @@ class HeadSpec:
     z_loss: str | None = None
     router_aux: str | None = None
     shift: bool = True
+    mean_only: bool = False
     pre_head: str | None = None
 
     def quirks(self) -> dict:
@@ -44,6 +47,7 @@ PLAIN = HeadSpec()
 _SOFTCAP = HeadSpec(softcap="text_config.final_logit_softcapping")
 _AUX = HeadSpec(router_aux="router_aux_loss_coef")
 _UNSHIFTED = HeadSpec(shift=False)
+_MEAN_ONLY = HeadSpec(mean_only=True)
 
 # Families whose forward is `logits = head(hidden)` followed by the stock ForCausalLMLoss.
 _PLAIN_TYPES = """
@@ -63,11 +67,41 @@ _SOFTCAP_TYPES = """beam gemma2 gemma3_text gemma3n gemma3n_text gemma4 gemma4_t
 gemma4_unified_text nanochat vaultgemma""".split()
 
 _AUX_TYPES = """dbrx deepseek_v4 ernie4_5_moe flex_olmo flint gpt_oss jamba laguna mellum minimax
-minimax_m2 minimax_m3_vl_text mixtral olmoe phimoe qwen2_moe qwen3_5_moe qwen3_5_moe_text qwen3_moe qwen3_next
-qwen4_exp qwen4_exp_text""".split()
+minimax_m2 minimax_m3_vl_text mixtral olmoe phimoe qwen2_moe qwen3_5_moe_text qwen3_moe qwen3_next
+qwen4_exp_text""".split()
 
 _UNSHIFTED_TYPES = """bart bigbird_pegasus blenderbot blenderbot-small cpmant marian mbart mvp pegasus plbart
 trocr whisper""".split()
+
+# Vision- and audio-language classes of the image-text-to-text / multimodal-LM mappings outside the causal-LM
+# mapping (heads.LOSS_MAPPINGS): `logits = lm_head(hidden)` then the stock causal-LM loss on the text tokens.
+_MULTIMODAL_PLAIN_TYPES = """
+aria aya_vision cohere2_vision cosmos3_edge cosmos3_omni deepseek_ocr2 deepseek_vl deepseek_vl_hybrid
+diffusion_gemma evolla exaone4_5 fast_vlm fun_asr_nano glm46v glm4v glm_ocr glmasr glmga hunyuan_vl idefics
+idefics2 idefics3 instructblip instructblipvideo internvl janus kimi_k25 kyutai_speech_to_text lfm2_vl lfm3_vl
+lighton_ocr llava llava_next llava_next_video llava_onevision minicpm_ocr minicpmv4_6 minicpmv4_7 mistral3
+mistral4 molmo2 muse_spark nemo_speechlm ovis2 paddleocr_vl paligemma perception_lm pp_chart2table qianfan_ocr
+qwen2_5_omni_thinker qwen2_5_vl qwen2_vl qwen3_asr qwen3_vl shieldgemma2 smolvlm step3p7 blip-2 unlimited_ocr
+vibevoice_asr video_llama_3 video_llava vipllava voxtral voxtral_realtime
+""".split()
+# MoE: the router loss coefficient is read from the text config (the multimodal classes have no attribute of it)
+_MULTIMODAL_AUX_TYPES = """ernie4_5_vl_moe glm4v_moe glm5_next minimax_m3_vl qwen3_omni_moe_thinker qwen3_vl_moe
+qwen3_5_moe qwen4_exp""".split()
+
+_MULTIMODAL_HEADS: dict[str, HeadSpec] = {
+    **{t: PLAIN for t in _MULTIMODAL_PLAIN_TYPES},
+    **{t: HeadSpec(router_aux="text_config.router_aux_loss_coef") for t in _MULTIMODAL_AUX_TYPES},
+    "granite4_vision": HeadSpec(logit_div="text_config.logits_scaling"),
+    "granite_docling": HeadSpec(logit_div="text_config.logits_scaling"),
+    "hyperclovax_vision_v2": HeadSpec(logit_mul="text_config.logits_scaling"),
+    "cohere_compass": HeadSpec(logit_mul="logit_scale"),
+    "muse_glimmer": HeadSpec(logit_mul="text_config.output_multiplier",  # scaled, then soft-capped
+                             softcap="text_config.final_logit_softcapping"),
+    "mistral_large4": HeadSpec(softcap="final_logit_softcapping"),
+    "qwen2_audio": _MEAN_ONLY,
+    "granite_speech": _MEAN_ONLY,
+    "granite_speech_plus": _MEAN_ONLY,
+}
 
 HEADS: dict[str, HeadSpec] = {
     **{t: PLAIN for t in _PLAIN_TYPES},
@@ -90,6 +124,7 @@ HEADS: dict[str, HeadSpec] = {
     "minicpm3": HeadSpec(pre_head="hidden / config.logits_scaling"),
     "bamba": HeadSpec(z_loss="z_loss_coefficient"),
     "jetmoe": HeadSpec(router_aux="aux_loss_coef"),
+    **_MULTIMODAL_HEADS,  # last: a type with a text class and a multimodal class takes the entry both satisfy
 }
 
 # Families whose loss head the table cannot express exactly: patching them is refused.
@@ -106,11 +141,50 @@ REFUSED: dict[str, str] = {
     "inkling2_text": "learned logit soft-cap module and vocab slice",
     "inkling_text": "not importable in this transformers build",
     "xlstm": "soft cap applied in chunks with a training-dependent path",
+    "chameleon": "the logits of image-vocabulary tokens are set to -inf after the head (a vocabulary mask)",
+    "inkling2": "learned logit soft-cap module and vocab slice",
+    "inkling_mm_model": "vocab slice to text_config.unpadded_vocab_size after the head (not proven)",
+    "blip": "the loss is the text decoder's own (label smoothing 0.1, reduction inside BlipTextLMHeadModel)",
+    "kosmos-2": "the loss is the inner text model's (Kosmos2TextForCausalLM), not this class's head",
+    "kosmos-2.5": "the loss is the inner text model's (Kosmos2_5TextForCausalLM), not this class's head",
+    "vision-encoder-decoder": "a generic wrapper: the loss is CrossEntropyLoss over whatever decoder it holds",
+    "qwen2_5_omni": "a generation wrapper (thinker + talker); fine-tune its thinker (qwen2_5_omni_thinker)",
+    "qwen3_omni_moe": "a generation wrapper (thinker + talker); fine-tune its thinker (qwen3_omni_moe_thinker)",
+    **dict.fromkeys(("florence2", "pix2struct", "t5gemma2", "udop", "pp_formulanet"),
+                    "encoder-decoder: stock builds the decoder inputs from the labels, which the captured forward "
+                    "(labels=None) does not; waits for the seq2seq (unshifted) mapping support"),
+    "nemotron_h_omni": "no output embeddings module (get_output_embeddings() is None)",
+    "pi0": "an action model: no output embeddings module (get_output_embeddings() is None)",
 }
 
-# Multimodal *ForConditionalGeneration types of the causal-LM mapping whose fused loss is proven on an image batch
-# (hf_fusedce.hf.proof.prove_multimodal). The others fuse text batches only; given images they run stock.
-MULTIMODAL_PROVEN: frozenset[str] = frozenset({"gemma3"})
+# transformers' auto mappings whose classes patch() accepts, -> the loss kind of their classes: "shifted" (the
+# causal-LM loss; a HEADS entry may still declare shift=False) or "unshifted" (labels aligned with the logits, the
+# decoder loss of an encoder-decoder). A class is fused when its forward's class is in one of these mappings AND
+# its model type is in HEADS. Adding a mapping (seq2seq, masked LM) is one line here.
+LOSS_MAPPINGS: dict[str, str] = {
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "shifted",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": "shifted",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES": "shifted",
+}
+
+
+def mapping_entries() -> list[tuple[str, str, str]]:
+    """(model type, class name, loss kind) of every entry of the LOSS_MAPPINGS mappings, in table order."""
+    from transformers.models.auto import modeling_auto
+    return [(model_type, name, kind) for mapping, kind in LOSS_MAPPINGS.items()
+            for model_type, names in getattr(modeling_auto, mapping, {}).items()
+            for name in ((names,) if isinstance(names, str) else names)]
+
+
+@functools.lru_cache(maxsize=1)
+def fused_classes() -> dict[str, tuple[str, str]]:
+    """{class name: (model type, loss kind)} of every class of LOSS_MAPPINGS (a class several types map to, e.g.
+    GPT2LMHeadModel for gpt2 and gpt-sw3, keeps its first). Whether images / audio are fused too is decided by
+    the proof (proof.media_proven_types)."""
+    classes: dict[str, tuple[str, str]] = {}
+    for model_type, name, kind in mapping_entries():
+        classes.setdefault(name, (model_type, kind))
+    return classes
 
 
 def resolve(model, path: str):
@@ -121,11 +195,10 @@ def resolve(model, path: str):
 
 
 def model_type_of(model) -> str | None:
-    """The causal-LM mapping's model type for a model: its config's, or (for text sub-configs such as
-    `mllama_text_model`) the mapping entry of its class."""
+    """The table's model type for a model: its config's, or (for text sub-configs such as `mllama_text_model`)
+    the mapping entry of its class (LOSS_MAPPINGS)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in HEADS or model_type in REFUSED:
         return model_type
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    name = type(model).__name__  # the exact class: a subclass may have changed the forward
-    return next((t for t, n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if n == name and t in HEADS), model_type)
+    entry = fused_classes().get(type(model).__name__)  # the exact class: a subclass may have changed the forward
+    return entry[0] if entry is not None and entry[0] in HEADS else model_type

@@ -1,14 +1,15 @@
 """Public API: `patch`, `unpatch`, `patched`, `is_patched`, `supported_model_types`.
 
 `patch(model)` replaces the forward of one instance (a PeftModel's base model is reached); `patch()` with no
-model patches causal-LM classes: those already imported at once, the rest when their first instance is built
-(a hook on `PreTrainedModel.post_init`), so importing ~190 modeling modules is not paid up front. Each patched
+model patches the classes of heads.LOSS_MAPPINGS: those already imported at once, the rest when their first
+instance is built (a hook on `PreTrainedModel.post_init`), so importing ~280 modeling modules is not paid up front. Each patched
 forward is `functools.wraps` of the stock one, so `inspect.signature` (used by `generate` and Trainer) still
 sees `logits_to_keep` and `**kwargs`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
@@ -20,16 +21,26 @@ from ..ops.autograd import check_dw_accumulation
 from ..ops.chunking import check_budget
 from . import gather
 from .forward import FusedOptions, generic_forward, positional_names
-from .heads import HEADS, PLAIN, REFUSED, HeadSpec, model_type_of
+from .heads import HEADS, LOSS_MAPPINGS, PLAIN, REFUSED, HeadSpec, fused_classes, model_type_of
 
 _CLASS_PATCHES: dict[type, object] = {}  # class -> its own stock `forward` function
 _CLASS_OURS: dict[type, object] = {}  # class -> the forward patch() gave it
 _GLOBAL: dict = {}  # while patch() is active: {"options":..., "post_init": stock post_init}
 
 
-def supported_model_types() -> list[str]:
-    """Model types whose head the table describes (proven by hf_fusedce.hf.proof)."""
-    return sorted(HEADS)
+def supported_model_types(status: bool = False) -> list[str] | dict[str, str]:
+    """Model types whose head the table describes (proven by hf_fusedce.hf.proof). status=True: {model type:
+    its recorded proof status}, e.g. "proven exact on an image batch", "proven on text only (reason)"; the
+    refused types of the installed transformers are included with their reason."""
+    if not status:
+        return sorted(HEADS)
+    from .proof import recorded_result, status_text
+    out = {}
+    for model_type in sorted({*HEADS, *REFUSED}):
+        rec = recorded_result(model_type)
+        out[model_type] = status_text(rec) if rec else ("refused (" + REFUSED[model_type] + ")"
+                                                        if model_type in REFUSED else "not proven yet")
+    return out
 
 
 def unwrap(model):
@@ -44,15 +55,6 @@ def unwrap(model):
     return model
 
 
-def causal_lm_class_names() -> frozenset[str]:
-    """Classes whose stock loss is the causal-LM loss: the causal-LM auto mapping's classes."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    names = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update((value,) if isinstance(value, str) else value)
-    return frozenset(names)
-
-
 def _forward_class(cls) -> type:
     """The class whose `forward` the instance runs (a subclass that only adds methods keeps its parent's)."""
     return next((c for c in cls.__mro__ if "forward" in c.__dict__), cls)
@@ -62,14 +64,16 @@ def class_refusal(model) -> str | None:
     """Why the class of `model` is not a causal LM whose loss we reproduce, or None. Decided by the class that
     defines the forward, not by model_type: BertForMaskedLM shares model_type "bert" with BertLMHeadModel."""
     cls = _forward_class(type(model))
-    if cls.__name__ in causal_lm_class_names() and cls.__module__.startswith("transformers."):
+    if cls.__name__ in fused_classes() and cls.__module__.startswith("transformers."):
         return None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     sibling = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(model.config, "model_type", None))
     hint = f" (for this model type the causal-LM class is {sibling})" if sibling else ""
+    mappings = ", ".join(m.replace("MODEL_FOR_", "").replace("_MAPPING_NAMES", "") for m in LOSS_MAPPINGS)
     return (f"its forward is {cls.__module__}.{cls.__name__}.forward, not a class of transformers' causal-LM "
-            f"mapping (AutoModelForCausalLM){hint}, so its loss is not known to be the shifted causal-LM loss. "
-            "Load the model with AutoModelForCausalLM, or keep it unpatched")
+            f"mapping (AutoModelForCausalLM) nor of the other mappings fused ({mappings}){hint}, so its loss is "
+            "not known to be the token cross-entropy over its head. Load the model with AutoModelForCausalLM, "
+            "or keep it unpatched")
 
 
 def _spec(model, force: bool) -> HeadSpec:
@@ -86,7 +90,7 @@ def _spec(model, force: bool) -> HeadSpec:
         return spec or PLAIN
     if spec is not None:
         _warn_if_unproven(model_type)
-        return spec
+        return loss_kind_spec(model, spec)
     why = REFUSED.get(model_type, "its head is not in hf_fusedce's quirk table (unproven)")
     if not force:
         raise ValueError(f"hf_fusedce: refusing to patch model_type {model_type!r}: {why}. Its training loss could "
@@ -94,6 +98,14 @@ def _spec(model, force: bool) -> HeadSpec:
                          "ForCausalLMLoss model, and check it with `hf-fusedce check --model-type`.")
     warnings.warn(f"hf_fusedce: model_type {model_type!r} forced as a plain head ({why})", stacklevel=3)
     return PLAIN
+
+
+def loss_kind_spec(model, spec: HeadSpec) -> HeadSpec:
+    """The table entry with its mapping's loss kind applied (heads.LOSS_MAPPINGS: "unshifted" aligns labels)."""
+    entry = fused_classes().get(_forward_class(type(model)).__name__)
+    if entry is not None and entry[1] == "unshifted" and spec.shift:
+        return dataclasses.replace(spec, shift=False)
+    return spec
 
 
 def _warn_if_unproven(model_type: str) -> None:
@@ -193,7 +205,7 @@ def _wrapped_patch(target) -> bool:
 def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None = None, z_loss: float = 0.0,
           label_smoothing: float = 0.0, return_logits: bool = False, force: bool = False,
           dw_accumulation: str = "auto"):
-    """Make `model`'s training loss use the fused op (returns `model`); no model: every causal-LM class.
+    """Make `model`'s training loss use the fused op (returns `model`); no model: every class of heads.LOSS_MAPPINGS.
 
     backend / chunk_budget_bytes / z_loss / label_smoothing / dw_accumulation are passed to
     `fused_linear_cross_entropy` (z_loss and label_smoothing change the loss from stock: off by default).
@@ -332,10 +344,9 @@ def patched(model, _patch=None, _unpatch=None, **options):
 
 # ---- class-level patching: patch() with no model ------------------------------------------------------------
 
-def _causal_lm_classes():
-    """(model_type, class name) from transformers' causal-LM auto mapping: discovery by mapping, not by name."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
+def _mapped_classes():
+    """(model_type, class name) of the mappings fused (heads.LOSS_MAPPINGS): discovery by mapping, not by name."""
+    return [(model_type, name) for name, (model_type, _kind) in fused_classes().items()]
 
 
 def _patch_class(cls, options):
@@ -352,7 +363,7 @@ def _patch_class(cls, options):
         bound = stock.__get__(self)
         if spec is None or _installed(self) is not None or class_refusal(self) is not None:
             return bound(*args, **kwargs)
-        return generic_forward(self, bound, spec, _GLOBAL["options"], args, kwargs, positional)
+        return generic_forward(self, bound, loss_kind_spec(self, spec), _GLOBAL["options"], args, kwargs, positional)
 
     forward.__hf_fusedce__ = True
     _CLASS_PATCHES[cls] = stock
@@ -362,7 +373,7 @@ def _patch_class(cls, options):
 def _patch_classes(options):
     from transformers import PreTrainedModel
     _GLOBAL["options"] = options
-    names = {cls_name for model_type, cls_name in _causal_lm_classes() if model_type in HEADS}
+    names = {cls_name for model_type, cls_name in _mapped_classes() if model_type in HEADS}
     for module in list(sys.modules.values()):  # classes already imported: patch now
         if getattr(module, "__name__", "").startswith("transformers.models."):
             for name in names & set(vars(module)):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..testing import rel_err
-from .heads import HEADS, REFUSED, resolve
+from .heads import HEADS, REFUSED, mapping_entries, resolve
 
 TOL = 1e-5
 TOL64 = TOL  # float64 model weights (the op still accumulates its loss in float32)
@@ -24,6 +24,9 @@ TOL64 = TOL  # float64 model weights (the op still accumulates its loss in float
 # biases: softmax is shift invariant) are float noise (~1e-9) on both sides, and a relative error of noise
 # means nothing. Any real gradient in these tiny models has norm >> FLOOR.
 FLOOR = 1e-4
+# A gradient whose stock norm is below ZERO_GRAD x the model's largest is zero in exact arithmetic (float32 noise
+# of ~1e-9, e.g. key biases of a vision tower with large activations): the patched one must be noise too.
+ZERO_GRAD = 1e-7
 VOCAB = 97  # odd, small: exercises ragged chunks
 SEQ, BATCH = 10, 2
 
@@ -53,7 +56,7 @@ SIZES = {
 # Quirk values set to non-trivial numbers so the table entry is really exercised.
 QUIRK_VALUES = {"logits_scaling": 2.5, "lm_head_multiplier": 0.7, "logit_scale": 0.3, "z_loss_coefficient": 0.01,
                 "output_router_logits": True, "final_logit_softcapping": 3.0, "logits_soft_cap": 3.0,
-                "router_aux_loss_coef": 0.05}
+                "router_aux_loss_coef": 0.05, "output_multiplier": 0.7}
 # Size fields whose None default is a placeholder the config never fills (the modeling code reads it as a
 # number: head_dim**-0.5, topk(k=None), torch.empty(None, ...)), unlike sliding_window=None (= off).
 _NONE_IS_UNSET = ("head_dim", "n_group", "topk_group", "num_experts_per_tok", "n_routed_experts", "n_shared_experts")
@@ -71,6 +74,35 @@ def _recorded() -> dict:
     except (OSError, ValueError):
         return {}
     return {r["model_type"]: {**r, "transformers": doc.get("transformers")} for r in doc.get("results", [])}
+
+
+def media_proven_types() -> frozenset[str]:
+    """Model types whose recorded proof includes an image or audio batch: the forward fuses their media inputs."""
+    return frozenset(t for t, r in _recorded().items()
+                     if r["status"] == "proven" and {"image", "audio"} & set(r.get("variants", ())))
+
+
+def media_status(r: dict) -> str:
+    """What a result says about images / audio: "image" / "audio" (proven exact on such a batch), "text only"
+    (a multimodal family proven on text batches only: its media inputs run stock), or "-" (a text model)."""
+    media = [v for v in r["variants"] if v in ("image", "audio")]
+    if media:
+        return media[0]
+    if r["status"] != "proven":
+        return "-"
+    return "text only" if r.get("multimodal") or "proven on text only" in r.get("reason", "") else "-"
+
+
+def status_text(r: dict) -> str:
+    """The one-line status users see (cards, `hf-fusedce check`, `supported_model_types(status=True)`)."""
+    if r["status"] != "proven":
+        return f"{r['status']} ({r['reason']})" if r["reason"] else r["status"]
+    media = media_status(r)
+    if media in ("image", "audio"):
+        return f"proven exact on an {media} batch"
+    if media == "text only":
+        return f"proven on text only ({r['reason'].split('proven on text only: ')[-1]})"
+    return "proven"
 
 
 def recorded_result(model_type: str) -> dict | None:
@@ -97,6 +129,25 @@ class ProofResult:
 def causal_lm_types() -> dict[str, str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def fused_types() -> dict[str, str]:
+    """{model type: the class its text proof builds} over every mapping of heads.LOSS_MAPPINGS (the first mapping
+    naming a type gives its class: the causal-LM class when there is one)."""
+    types: dict[str, str] = {}
+    for model_type, name, _kind in mapping_entries():
+        types.setdefault(model_type, name)
+    return types
+
+
+def media_types() -> dict[str, str]:
+    """{model type: class} of the multimodal mappings (images, audio): the class a media batch is proven on."""
+    from transformers.models.auto import modeling_auto
+    types: dict[str, str] = {}
+    for mapping in ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"):
+        for model_type, name in getattr(modeling_auto, mapping, {}).items():
+            types.setdefault(model_type, name if isinstance(name, str) else name[0])
+    return types
 
 
 # Per-family config settings the generic shrink cannot guess (the family's own constraints).
@@ -177,7 +228,9 @@ def tiny_config(model_type: str, tie: bool | None = None):
         for key in kw:
             if key == "text_config" and isinstance(kw[key], dict):
                 kw[key]["tie_word_embeddings"] = tie
-    for key, value in FAMILY_CONFIG.get(model_type, {}).items():  # a dict (sub-config) merges into the shrunk one
+    from .multimodal_batches import config_edits
+    edits = {**FAMILY_CONFIG.get(model_type, {}), **config_edits(model_type)}  # the media batch's needs too
+    for key, value in edits.items():  # a dict (sub-config) merges into the shrunk one
         kw[key] = {**kw[key], **value} if isinstance(value, dict) and isinstance(kw.get(key), dict) else value
     config = cls(**kw)
     for key in ("_attn_implementation",):
@@ -185,11 +238,12 @@ def tiny_config(model_type: str, tie: bool | None = None):
     return config
 
 
-def build(model_type: str, tie: bool | None = None, seed: int = 0, config=None):
-    """The tiny model of `model_type` (or of the given config), float32, in TRAINING mode (dropouts are 0)."""
+def build(model_type: str, tie: bool | None = None, seed: int = 0, config=None, class_name: str | None = None):
+    """The tiny model of `model_type` (or of the given config; of `class_name`, default the type's class of
+    fused_types), float32, in TRAINING mode (dropouts are 0)."""
     import transformers
     config = tiny_config(model_type, tie) if config is None else config
-    cls = getattr(transformers, causal_lm_types()[model_type])
+    cls = getattr(transformers, class_name or fused_types()[model_type])
     torch.manual_seed(seed)
     try:
         model = cls(config)
@@ -252,9 +306,12 @@ def compare(model, ids, labels, tol: float = TOL, patch_options: dict | None = N
         out, ours = _loss_and_grads(model, ids, labels, **kw)
     assert out.logits is None, "the fused path did not run (the patched training forward returned logits)"
     errs = [rel_err(out.loss, stock_out.loss, floor=FLOOR)]
+    zero = ZERO_GRAD * max((float(g.norm()) for g in stock.values() if g is not None), default=0.0)
     for name, g in stock.items():
         assert (g is None) == (ours[name] is None), f"gradient presence differs for {name}"
-        if g is not None:
+        if g is not None and float(g.norm()) < zero:  # zero in exact arithmetic: both sides must be noise
+            assert float(ours[name].norm()) < zero, f"grad {name}: {float(ours[name].norm()):.1e}, stock's is 0"
+        elif g is not None:
             errs.append(rel_err(ours[name], g, floor=FLOOR))
             assert errs[-1] <= tol, f"grad {name}: rel err {errs[-1]:.2e}"
     assert errs[0] <= tol, f"loss {out.loss.item()} vs stock {stock_out.loss.item()}: rel err {errs[0]:.2e}"
@@ -267,7 +324,7 @@ def is_tied(model) -> bool:
 
 def prove(model_type: str) -> ProofResult:
     start = time.perf_counter()
-    res = ProofResult(model_type, "proven", class_name=causal_lm_types().get(model_type, ""))
+    res = ProofResult(model_type, "proven", class_name=fused_types().get(model_type, ""))
     if model_type not in HEADS:
         res.status, res.reason = "refused", REFUSED.get(model_type, "not in the quirk table")
         return res
@@ -297,15 +354,17 @@ def prove(model_type: str) -> ProofResult:
                 res.max_rel_err = max(res.max_rel_err, _compare_padded(model, ids, labels, res))
             res.variants.append(variant)
             res.n_params = sum(p.numel() for p in model.parameters())
-        if model_type in MULTIMODAL_BATCHES:
-            res.max_rel_err = max(res.max_rel_err, prove_multimodal(model_type))
-            res.variants.append("image")
     except StockFailed as err:
         res.status, res.reason = ("skipped", str(err)[:300]) if not res.variants else (res.status, res.reason)
     except AssertionError as err:
         _retry_float64(res, model_type, str(err))
     except Exception as err:  # noqa: BLE001
         res.status, res.reason = "failed", f"{type(err).__name__}: {err}"[:300]
+    if res.status == "proven":  # text batches proven (float32, or float64 after a float32 miss): the media batch
+        try:
+            _prove_media(res)
+        except Exception as err:  # noqa: BLE001 - an AssertionError is a mismatch on the media batch
+            res.status, res.reason = "failed", f"media batch: {type(err).__name__}: {err}"[:300]
     res.seconds = round(time.perf_counter() - start, 2)
     return res
 
@@ -347,32 +406,44 @@ def _compare_padded(model, ids, labels, res: ProofResult) -> float:
     return err
 
 
-# Multimodal *ForConditionalGeneration types proven on an image batch: model_type -> (config edit, batch).
-def _gemma3_config(config):
-    config.mm_tokens_per_image = 4  # the 4x4 patches of a 32-pixel image pooled to 2x2 image tokens
+def _prove_media(res: ProofResult) -> None:
+    """A family of the multimodal mappings: also its image / audio batch (multimodal_batches.BATCHES), or the
+    reason it is proven on text only (recorded in the result, never silent)."""
+    from . import multimodal_batches as mb
+    model_type = res.model_type
+    if model_type not in media_types():
+        return
+    if model_type not in mb.BATCHES:
+        why = "proven on text only: " + mb.text_only_reason(model_type)
+        res.reason = f"{res.reason}; {why}" if res.reason else why
+        return
+    res.max_rel_err = max(res.max_rel_err, prove_multimodal(model_type))
+    res.variants.append(mb.BATCHES[model_type].kind)
 
 
-def _gemma3_batch(model, ids, labels):
-    image = model.config.image_token_id
-    ids, labels = ids.clone(), labels.clone()
-    ids[:, 2:6] = image  # one image (4 tokens) per row
-    labels[:, 2:6] = -100
-    size = model.config.vision_config.image_size
-    pixels = torch.randn(ids.shape[0], 3, size, size, generator=torch.Generator().manual_seed(2))
-    return ids, labels, {"pixel_values": pixels, "token_type_ids": (ids == image).long()}
+def prove_multimodal(model_type: str, tie: bool | None = None) -> float:
+    """Patched vs stock on the family's image / audio + text batch (multimodal_batches.BATCHES), tied and untied
+    heads where the family allows: loss and every parameter gradient, the encoder and projector included.
+    Forced: media inputs are fused only for the types whose recorded proof includes this batch."""
+    from . import multimodal_batches as mb
+    errs = []
+    for variant in ((tie,) if tie is not None else (False, True)):
+        model, ids, labels, extra = mb.build_batch(model_type, variant)
+        if variant is not None and is_tied(model) != variant:
+            continue  # the family cannot tie (or untie) its head
+        _check_media_used(model, ids, labels, extra)
+        errs.append(compare(model, ids, labels, patch_options={"force": True}, **extra))
+    if not errs:
+        raise RuntimeError(f"{model_type}: no head variant could be built for the media batch")
+    return max(errs)
 
 
-MULTIMODAL_BATCHES = {"gemma3": (_gemma3_config, _gemma3_batch)}
-
-
-def prove_multimodal(model_type: str) -> float:
-    """Patched (forced: image inputs are fused only for proven types) vs stock on an image + text batch."""
-    edit, make = MULTIMODAL_BATCHES[model_type]
-    config = tiny_config(model_type)
-    edit(config)
-    model = build(model_type, config=config)
-    ids, labels, extra = make(model, *batch(model))
-    return compare(model, ids, labels, patch_options={"force": True}, **extra)
+def _check_media_used(model, ids, labels, extra) -> None:
+    """The batch really runs the encoder: a parameter the text-only batch leaves without gradient gets one."""
+    _, text = _loss_and_grads(model, ids.masked_fill(labels == -100, int(ids[0, -1])), labels, use_cache=False)
+    _, media = _loss_and_grads(model, ids, labels, use_cache=False, **extra)
+    encoder = [n for n, g in media.items() if g is not None and text[n] is None]
+    assert encoder, f"{model.config.model_type}: the media inputs reached no parameter (encoder not run)"
 
 
 def _retry_float64(res: ProofResult, model_type: str, float32_error: str) -> None:

@@ -43,7 +43,7 @@ def test_check_all_streams_one_line_per_family_with_progress(monkeypatch, capsys
         printed_before.append(capsys.readouterr().out)  # what was on stdout when this family started
         return proof.ProofResult(model_type, "proven")
 
-    monkeypatch.setattr(proof, "causal_lm_types", lambda: dict.fromkeys(types, "X"))
+    monkeypatch.setattr(proof, "fused_types", lambda: dict.fromkeys(types, "X"))
     monkeypatch.setattr(proof, "prove", fake_prove)
     assert main(["check", "--all"]) == 0
     captured = capsys.readouterr()

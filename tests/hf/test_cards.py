@@ -23,7 +23,7 @@ def test_results_match_installed_transformers_and_table():
         pytest.skip(f"transformers {transformers.__version__} installed; the cards are for the pinned "
                     f"{doc['transformers']} (CI installs the pin)")
     by_type = {r["model_type"]: r for r in doc["results"]}
-    assert set(by_type) == set(proof.causal_lm_types()), f"families added or removed: {FIX}"
+    assert set(by_type) == set(proof.fused_types()), f"families added or removed: {FIX}"
     for model_type, r in by_type.items():
         spec = heads.HEADS.get(model_type)
         assert r["quirks"] == (spec.quirks() if spec else None), f"{model_type}: table changed since the proof: {FIX}"

@@ -7,13 +7,20 @@ proven on demand (`pytest -m slow -k test_every_family`, `hf-fusedce check --all
 import pytest
 
 from hf_fusedce.hf import proof
-from hf_fusedce.hf.heads import HEADS, MULTIMODAL_PROVEN, REFUSED
+from hf_fusedce.hf.heads import HEADS, REFUSED
+from hf_fusedce.hf.multimodal_batches import BATCHES
 
-TYPES = sorted(proof.causal_lm_types())
+TYPES = sorted(proof.fused_types())
 MUST_PROVE = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
               "cohere", "granite", "olmo2", "gpt2", "gpt_neox", "falcon_h1", "minicpm3"]
 # One family per quirk of the table besides the common ones: soft cap, scale, divide, z-loss, MoE aux, unshifted
-REQUIRED = sorted({*MUST_PROVE, *MULTIMODAL_PROVEN, "recurrent_gemma", "hyperclovax", "granitemoe", "bamba",
+# Vision- and audio-language families proven in CI on an image / audio batch (the others: tests/hf/test_multimodal.py
+# -m slow, `hf-fusedce check --all`)
+MEDIA_REQUIRED = ["gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "internvl", "idefics3",
+                  "smolvlm", "paligemma", "mistral3", "llama4", "qwen2_audio", "voxtral",
+                  # the other families Liger-Kernel 0.8.5 patches (its "pixtral": tests/hf/test_multimodal.py)
+                  "qwen3_vl_moe", "mllama", "glm4v", "glm4v_moe", "muse_glimmer"]
+REQUIRED = sorted({*MUST_PROVE, *MEDIA_REQUIRED, "recurrent_gemma", "hyperclovax", "granitemoe", "bamba",
                    "jetmoe", "bart", "reformer", "mamba", "rwkv", "llama4_text"})
 # In the table (plain head) but float32 rounding in the model body exceeds 1e-5 and the stock model cannot
 # run in float64: not counted as proven.
@@ -44,12 +51,16 @@ def check_family(model_type):
     assert res.status == "proven", res.reason
     assert res.variants
     assert "padded" in res.variants or "padded batch not proven" in res.reason  # attention_mask, padding
-    if model_type in MULTIMODAL_PROVEN:
-        assert "image" in res.variants
+    if model_type in BATCHES:  # a media batch is built for it: it must be proven on it
+        assert BATCHES[model_type].kind in res.variants, res.reason
+    elif model_type in proof.media_types():
+        assert "proven on text only" in res.reason  # listed with the reason, never silently text-only
 
 
-def test_multimodal_types_fused_with_images_are_those_proven_with_images():
-    assert set(proof.MULTIMODAL_BATCHES) == set(MULTIMODAL_PROVEN)
+def test_multimodal_types_fused_with_media_are_those_proven_with_media():
+    """The forward fuses image / audio inputs of exactly the types whose committed proof includes such a batch,
+    and every type with a media batch builder is recorded proven on it."""
+    assert proof.media_proven_types() == {t for t in BATCHES if t in proof.fused_types()}
 
 
 def test_every_mapping_type_is_in_the_table_or_refused():
