@@ -21,6 +21,7 @@ from ..ops.chunking import check_budget
 from . import gather
 from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, PLAIN, REFUSED, HeadSpec, model_type_of
+from .recorded import recorded_result, warn_if_changed
 
 _CLASS_PATCHES: dict[type, object] = {}  # class -> its own stock `forward` function
 _CLASS_OURS: dict[type, object] = {}  # class -> the forward patch() gave it
@@ -97,7 +98,6 @@ def _spec(model, force: bool) -> HeadSpec:
 
 
 def _warn_if_unproven(model_type: str) -> None:
-    from .proof import recorded_result
     rec = recorded_result(model_type)
     if rec is not None and rec["status"] in ("failed", "skipped"):
         warnings.warn(f"hf_fusedce: model_type {model_type!r} is in the quirk table but its proof {rec['status']} "
@@ -208,6 +208,7 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
     _check_model(target)
     spec = _spec(target, force)
     reseat(target)
+    warn_if_changed(target, model_type_of(target))
     current = _installed(target)
     if current is not None:  # patching twice == once: only the options are refreshed
         current.spec, current.options = spec, options
@@ -377,6 +378,7 @@ def _patch_classes(options):
             if type(self).__name__ in names and HEADS.get(model_type_of(self)):
                 _patch_class(type(self), _GLOBAL["options"])
                 _guard(self, self)
+                warn_if_changed(self, model_type_of(self), stacklevel=4)
                 if self.get_output_embeddings() is not None:
                     gather.install(self.get_output_embeddings())
             return result
