@@ -31,10 +31,13 @@ _QUIRK_TEXT = {
 
 
 def _prove_one(model_type: str) -> dict:
+    import warnings
+
     import torch
     from transformers.utils import logging
     torch.set_num_threads(1)
     logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*changed its code")  # a worker process re-proving that code
     from .hf import proof
     res = proof.prove(model_type).__dict__
     res.pop("seconds")
