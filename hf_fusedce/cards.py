@@ -4,7 +4,7 @@
     python -m hf_fusedce.cards             # re-render the cards from the committed proof_results.json
 
 proof_results.json ships inside the package (hf_fusedce/data/): `patch` warns for a type whose proof failed or
-was skipped.
+was skipped, and for one whose code (hf/recorded.py's fingerprint) moved since it was proven.
 
 Nothing in model_cards/*.md or docs/models.md is typed by hand; tests/hf/test_cards.py fails when they are stale.
 """
@@ -15,6 +15,8 @@ import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from .hf.recorded import media_status, status_text
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 DOCS_PAGE = CARDS_DIR.parent / "docs" / "models.md"  # the supported-models page of the documentation
@@ -32,10 +34,13 @@ _QUIRK_TEXT = {
 
 
 def _prove_one(model_type: str) -> dict:
+    import warnings
+
     import torch
     from transformers.utils import logging
     torch.set_num_threads(1)
     logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*changed its code")  # a worker process re-proving that code
     from .hf import proof
     res = proof.prove(model_type).__dict__
     res.pop("seconds")
@@ -82,16 +87,6 @@ def _tie_default(model_type: str):
         return None
 
 
-def media_status(r: dict) -> str:
-    from .hf.proof import media_status
-    return media_status(r)
-
-
-def status_text(r: dict) -> str:
-    from .hf.proof import status_text
-    return status_text(r)
-
-
 def _quirk_lines(quirks: dict | None) -> list[str]:
     if not quirks:
         return ["- none: `logits = lm_head(hidden)` then the stock `ForCausalLMLoss`"]
@@ -105,13 +100,17 @@ def render_card(r: dict, doc: dict) -> str:
              "## Head quirks (hf_fusedce/hf/heads.py)", *_quirk_lines(r["quirks"]), "",
              f"## Tying default\n- `tie_word_embeddings` defaults to {tie} in the config class", "",
              "## Proof", f"- status: {status_text(r)}",
-             f"- transformers {doc['transformers']}, torch {doc['torch']}, CPU, float32, backend=torch",
+             f"- proven on transformers {r.get('transformers', doc['transformers'])}, torch {doc['torch']}, "
+             "CPU, float32, backend=torch",
              f"- head variants proven: {', '.join(r['variants'])}",
              "- patched vs stock, training mode, every quirk at a non-trivial value: loss and every parameter "
              "gradient, with ignored tokens, mean and `num_items_in_batch` (`padded`: also a padded batch with "
              "`attention_mask`; `image` / `audio`: also an image / audio + text batch built by "
              "hf_fusedce/hf/multimodal_batches.py, encoder and projector gradients included); max relative error "
              f"{r['max_rel_err']:.1e} (tolerance {doc['tolerance']:g})"]
+    if r.get("fingerprint"):
+        lines.append("- code proven (`patch()` warns when the installed transformers changes it): " +
+                     ", ".join(f"`{k}` {v}" for k, v in r["fingerprint"].items()))
     if r["reason"]:
         lines.append(f"- note: {r['reason']}")
     lines += _trl_lines(r["model_type"])
@@ -196,12 +195,12 @@ def render_all(doc: dict) -> dict[str, str]:
 
 
 def load(results: Path | None = None) -> dict:
-    from .hf.proof import RESULTS_PATH
+    from .hf.recorded import RESULTS_PATH
     return json.loads((results or RESULTS_PATH).read_text())
 
 
 def write(doc: dict, cards_dir: Path = CARDS_DIR, results: Path | None = None) -> None:
-    from .hf.proof import RESULTS_PATH
+    from .hf.recorded import RESULTS_PATH
     cards_dir.mkdir(parents=True, exist_ok=True)
     (results or RESULTS_PATH).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     wanted = render_all(doc)

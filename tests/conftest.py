@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import torch
+
+# hf-fusedce check remembers re-proven families there (hf/recorded.py): never the user's own cache in tests.
+os.environ.setdefault("HF_FUSEDCE_CACHE", tempfile.mkdtemp(prefix="hf_fusedce_cache_"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -24,7 +24,25 @@ def _line(r) -> str:
     return f"{r.status:8s} {r.model_type:28s} {variants:22s} max_rel_err={r.max_rel_err:.1e} {r.reason}"
 
 
+def _remember(results) -> None:
+    """Families proven on the installed transformers: patch() no longer warns that their code moved."""
+    import transformers
+
+    from hf_fusedce.hf import recorded
+    for r in results:
+        path = recorded.remember(r.model_type, r.fingerprint, transformers.__version__)
+    if results:
+        print(f"recorded as proven on transformers {transformers.__version__} in {path}")
+
+
 def run(args: argparse.Namespace) -> int:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*changed its code")  # what this command re-proves
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
     from transformers.utils import logging
@@ -43,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(model_type)
                 results.append(proof.prove(model_type))
                 bar.write(_line(results[-1]))
+        _remember([r for r in results if r.status == "proven" and r.fingerprint])
     counts = {s: sum(r.status == s for r in results) for s in ("proven", "skipped", "refused", "failed")}
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
     return 1 if counts["failed"] or (args.model and counts["proven"] == 0) else 0

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..ops import fused_linear_cross_entropy
 from . import adapters, gather, tensor_parallel
 from .heads import HeadSpec, model_type_of, resolve
-from .proof import media_proven_types
+from .recorded import media_proven_types
 
 # Outside protocols the patched forward speaks, {call keyword: handler(model, original, spec, options, call)}:
 # a truthy keyword hands the call to its handler. hf_fusedce.integrations registers them (TRL's

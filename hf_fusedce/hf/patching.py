@@ -22,6 +22,7 @@ from ..ops.chunking import check_budget
 from . import gather
 from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, LOSS_MAPPINGS, PLAIN, REFUSED, HeadSpec, fused_classes, model_type_of
+from .recorded import recorded_result, status_text, warn_if_changed
 
 _CLASS_PATCHES: dict[type, object] = {}  # class -> its own stock `forward` function
 _CLASS_OURS: dict[type, object] = {}  # class -> the forward patch() gave it
@@ -34,7 +35,6 @@ def supported_model_types(status: bool = False) -> list[str] | dict[str, str]:
     refused types of the installed transformers are included with their reason."""
     if not status:
         return sorted(HEADS)
-    from .proof import recorded_result, status_text
     out = {}
     for model_type in sorted({*HEADS, *REFUSED}):
         rec = recorded_result(model_type)
@@ -109,7 +109,6 @@ def loss_kind_spec(model, spec: HeadSpec) -> HeadSpec:
 
 
 def _warn_if_unproven(model_type: str) -> None:
-    from .proof import recorded_result
     rec = recorded_result(model_type)
     if rec is not None and rec["status"] in ("failed", "skipped"):
         warnings.warn(f"hf_fusedce: model_type {model_type!r} is in the quirk table but its proof {rec['status']} "
@@ -220,6 +219,7 @@ def patch(model=None, *, backend: str = "auto", chunk_budget_bytes: int | None =
     _check_model(target)
     spec = _spec(target, force)
     reseat(target)
+    warn_if_changed(target, model_type_of(target))
     current = _installed(target)
     if current is not None:  # patching twice == once: only the options are refreshed
         current.spec, current.options = spec, options
@@ -388,6 +388,7 @@ def _patch_classes(options):
             if type(self).__name__ in names and HEADS.get(model_type_of(self)):
                 _patch_class(type(self), _GLOBAL["options"])
                 _guard(self, self)
+                warn_if_changed(self, model_type_of(self), stacklevel=4)
                 if self.get_output_embeddings() is not None:
                     gather.install(self.get_output_embeddings())
             return result

@@ -8,15 +8,14 @@ loss and every parameter gradient to the stock ones by relative error (float32, 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from ..testing import rel_err
+from . import recorded
 from .heads import HEADS, REFUSED, mapping_entries, resolve
+from .recorded import media_proven_types, media_status, status_text  # noqa: F401 - re-exported (cards, tests)
 
 TOL = 1e-5
 TOL64 = TOL  # float64 model weights (the op still accumulates its loss in float32)
@@ -63,53 +62,6 @@ _NONE_IS_UNSET = ("head_dim", "n_group", "topk_group", "num_experts_per_tok", "n
 _NO_DROPOUT = ("dropout", "dropout_rate", "dropout_prob", "_pdrop", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
-# The committed proof of every family (written by `python -m hf_fusedce.cards --refresh`), shipped with the package.
-RESULTS_PATH = Path(__file__).resolve().parent.parent / "data" / "proof_results.json"
-
-
-@functools.lru_cache(maxsize=1)
-def _recorded() -> dict:
-    try:
-        doc = json.loads(RESULTS_PATH.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {r["model_type"]: {**r, "transformers": doc.get("transformers")} for r in doc.get("results", [])}
-
-
-def media_proven_types() -> frozenset[str]:
-    """Model types whose recorded proof includes an image or audio batch: the forward fuses their media inputs."""
-    return frozenset(t for t, r in _recorded().items()
-                     if r["status"] == "proven" and {"image", "audio"} & set(r.get("variants", ())))
-
-
-def media_status(r: dict) -> str:
-    """What a result says about images / audio: "image" / "audio" (proven exact on such a batch), "text only"
-    (a multimodal family proven on text batches only: its media inputs run stock), or "-" (a text model)."""
-    media = [v for v in r["variants"] if v in ("image", "audio")]
-    if media:
-        return media[0]
-    if r["status"] != "proven":
-        return "-"
-    return "text only" if r.get("multimodal") or "proven on text only" in r.get("reason", "") else "-"
-
-
-def status_text(r: dict) -> str:
-    """The one-line status users see (cards, `hf-fusedce check`, `supported_model_types(status=True)`)."""
-    if r["status"] != "proven":
-        return f"{r['status']} ({r['reason']})" if r["reason"] else r["status"]
-    media = media_status(r)
-    if media in ("image", "audio"):
-        return f"proven exact on an {media} batch"
-    if media == "text only":
-        return f"proven on text only ({r['reason'].split('proven on text only: ')[-1]})"
-    return "proven"
-
-
-def recorded_result(model_type: str) -> dict | None:
-    """This family's entry of the committed proof (status, reason, transformers version), or None."""
-    return _recorded().get(model_type)
-
-
 class StockFailed(Exception):
     """The unpatched model itself cannot run the tiny batch: nothing to compare against (skipped)."""
 
@@ -124,6 +76,7 @@ class ProofResult:
     max_rel_err: float = 0.0
     n_params: int = 0
     seconds: float = 0.0
+    fingerprint: dict = dataclasses.field(default_factory=dict)  # hf.recorded.fingerprint of the code proven
 
 
 def causal_lm_types() -> dict[str, str]:
@@ -345,6 +298,7 @@ def prove(model_type: str) -> ProofResult:
             ids, labels = batch(model)
             res.max_rel_err = max(res.max_rel_err, compare(model, ids, labels))
             if len(seen) == 1:  # once per family (the loss head is the same tied or not)
+                res.fingerprint = recorded.fingerprint(model)
                 unexercised = _unexercised_quirks(model, HEADS[model_type])
                 if unexercised:
                     res.status, res.reason = "failed", f"quirk not exercised by the tiny config: {unexercised}"

@@ -5,7 +5,8 @@
 * FSDP1 (flat parameters) needs an accelerator in torch: GPU only, through torchrun.
 * FSDP2 through torchrun and `fully_shard` applied as accelerate does (accelerate 1.15 ignores FSDP for CPU
   runs: with use_cpu, examples/accelerate/fsdp2.yaml silently trains DDP), checking the lm_head weight is a
-  DTensor Shard(0) outside the forward. The fsdp2.yaml and deepspeed_zero3.yaml configs run on a GPU only.
+  DTensor Shard(0) outside the forward. The fsdp2.yaml config runs on a GPU only; DeepSpeed ZeRO-2/3 run on CPU in
+  test_deepspeed.py (the deepspeed_zero3.yaml test below is its GPU variant).
 
 Every run: gradient accumulation 2, average_tokens_across_devices (num_items_in_batch = the global token count of
 the optimizer step, loss x world size), and one micro-batch in which rank 1 holds only ignored labels. Checked
@@ -179,7 +180,7 @@ def test_fsdp1_flat_parameters_gpu(tmp_path, tied):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed ZeRO-3 needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU variant (CPU: test_deepspeed.py)")
 @pytest.mark.parametrize("tied", [1, 0], ids=["tied", "untied"])
 def test_deepspeed_zero3_accelerate_config_gpu(tmp_path, tied):
     """examples/accelerate/deepspeed_zero3.yaml: parameters are partitioned (numel 0 outside their module's hooks)

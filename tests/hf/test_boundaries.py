@@ -224,8 +224,8 @@ def test_quirks_are_forced_even_when_their_default_is_none():
 
 
 def test_a_type_whose_proof_failed_warns_on_patch():
-    from hf_fusedce.hf import proof
-    failed = [t for t in proof._recorded() if proof.recorded_result(t)["status"] in ("failed", "skipped")
+    from hf_fusedce.hf import recorded
+    failed = [t for t in recorded._recorded() if recorded.recorded_result(t)["status"] in ("failed", "skipped")
               and t in hf_fusedce.supported_model_types()]
     assert failed, "no failed or skipped type in the committed proof: nothing to check"
     model = tiny_llama()
