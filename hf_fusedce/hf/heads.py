@@ -80,7 +80,7 @@ aria aya_vision cohere2_vision cosmos3_edge cosmos3_omni deepseek_ocr2 deepseek_
 diffusion_gemma evolla exaone4_5 fast_vlm fun_asr_nano glm46v glm4v glm_ocr glmasr glmga hunyuan_vl idefics
 idefics2 idefics3 instructblip instructblipvideo internvl janus kimi_k25 kyutai_speech_to_text lfm2_vl lfm3_vl
 lighton_ocr llava llava_next llava_next_video llava_onevision minicpm_ocr minicpmv4_6 minicpmv4_7 mistral3
-mistral4 molmo2 muse_spark nemo_speechlm ovis2 paddleocr_vl paligemma perception_lm pp_chart2table qianfan_ocr
+mistral4 molmo2 nemo_speechlm ovis2 paddleocr_vl paligemma perception_lm pp_chart2table qianfan_ocr
 qwen2_5_omni_thinker qwen2_5_vl qwen2_vl qwen3_asr qwen3_vl shieldgemma2 smolvlm step3p7 blip-2 unlimited_ocr
 vibevoice_asr video_llama_3 video_llava vipllava voxtral voxtral_realtime
 """.split()
@@ -95,8 +95,8 @@ _MULTIMODAL_HEADS: dict[str, HeadSpec] = {
     "granite_docling": HeadSpec(logit_div="text_config.logits_scaling"),
     "hyperclovax_vision_v2": HeadSpec(logit_mul="text_config.logits_scaling"),
     "cohere_compass": HeadSpec(logit_mul="logit_scale"),
-    "muse_glimmer": HeadSpec(logit_mul="text_config.output_multiplier",  # scaled, then soft-capped
-                             softcap="text_config.final_logit_softcapping"),
+    **dict.fromkeys(("muse_glimmer", "muse_spark"), HeadSpec(logit_mul="text_config.output_multiplier",
+                                                             softcap="text_config.final_logit_softcapping")),
     "mistral_large4": HeadSpec(softcap="final_logit_softcapping"),
     "qwen2_audio": _MEAN_ONLY,
     "granite_speech": _MEAN_ONLY,
