@@ -325,25 +325,24 @@ def config_edits(model_type: str) -> dict:
     return {**CONFIGS.get(model_type, {}), **(entry.config if entry is not None else {})}
 
 
-def build_batch(model_type: str, tie: bool | None = None, seed: int = 1):
-    """(model, ids, labels, extra inputs) of the family's tiny model on its media batch."""
-    from . import proof
-    base, entry = EXTRA.get(model_type, (model_type, BATCHES.get(model_type)))
-    config = proof.tiny_config(base, tie)
-    if model_type in EXTRA:  # another tower on the base family's class: its edits on top of the base's
-        config = type(config)(**_merged(config.to_dict(), entry.config))
-    model = proof.build(base, config=config, class_name=proof.media_types()[base])
+def media_entry(model_type: str):
+    """(the family whose class and tiny config are built, its batch entry): EXTRA's towers ride a base family."""
+    return EXTRA.get(model_type, (model_type, BATCHES.get(model_type)))
+
+
+def media_inputs(model, entry, special_ids: set, seed: int = 1):
+    """(ids, labels, extra inputs) of the entry's media batch for the built tiny model (hf.proof builds it)."""
     g = torch.Generator().manual_seed(seed)
     extra = entry.inputs(model, g)
     n_media = (entry.features or _n_features)(model, extra, entry.kind)
     token = int(_token_id(model, entry.token))
-    ids, labels = _text(model, n_media, token, g)
+    ids, labels = _text(model, n_media, token, g, special_ids)
     if entry.per_row is not None:
         extra.update(entry.per_row(model, ids, ids == token))
-    return model, ids, labels, extra
+    return ids, labels, extra
 
 
-def _merged(kw: dict, edits: dict) -> dict:
+def merged(kw: dict, edits: dict) -> dict:
     return {**kw, **{k: {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
                      for k, v in edits.items()}}
 
@@ -370,11 +369,10 @@ def _n_features(model, inputs: dict, kind: str) -> int:
     return total // (width * BATCH)
 
 
-def _text(model, n_media: int, token: int, g):
+def _text(model, n_media: int, token: int, g, special_ids: set):
     """Rows of PROMPT random tokens, n_media media tokens, ANSWER random tokens; labels on the answer only."""
-    from .proof import _special_ids
     vocab = model.config.get_text_config().vocab_size
-    allowed = torch.tensor([i for i in range(vocab) if i not in _special_ids(model.config)])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special_ids])
     length = PROMPT + n_media + ANSWER
     ids = allowed[torch.randint(0, len(allowed), (BATCH, length), generator=g)]
     ids[:, PROMPT:PROMPT + n_media] = token

@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..testing import rel_err
+from . import multimodal_batches as mb
 from . import recorded
 from .heads import HEADS, REFUSED, mapping_entries, resolve
 from .recorded import media_proven_types, media_status, status_text  # noqa: F401 - re-exported (cards, tests)
@@ -181,8 +182,7 @@ def tiny_config(model_type: str, tie: bool | None = None):
         for key in kw:
             if key == "text_config" and isinstance(kw[key], dict):
                 kw[key]["tie_word_embeddings"] = tie
-    from .multimodal_batches import config_edits
-    edits = {**FAMILY_CONFIG.get(model_type, {}), **config_edits(model_type)}  # the media batch's needs too
+    edits = {**FAMILY_CONFIG.get(model_type, {}), **mb.config_edits(model_type)}  # the media batch's needs too
     for key, value in edits.items():  # a dict (sub-config) merges into the shrunk one
         kw[key] = {**kw[key], **value} if isinstance(value, dict) and isinstance(kw.get(key), dict) else value
     config = cls(**kw)
@@ -363,7 +363,6 @@ def _compare_padded(model, ids, labels, res: ProofResult) -> float:
 def _prove_media(res: ProofResult) -> None:
     """A family of the multimodal mappings: also its image / audio batch (multimodal_batches.BATCHES), or the
     reason it is proven on text only (recorded in the result, never silent)."""
-    from . import multimodal_batches as mb
     model_type = res.model_type
     if model_type not in media_types():
         return
@@ -379,10 +378,9 @@ def prove_multimodal(model_type: str, tie: bool | None = None) -> float:
     """Patched vs stock on the family's image / audio + text batch (multimodal_batches.BATCHES), tied and untied
     heads where the family allows: loss and every parameter gradient, the encoder and projector included.
     Forced: media inputs are fused only for the types whose recorded proof includes this batch."""
-    from . import multimodal_batches as mb
     errs = []
     for variant in ((tie,) if tie is not None else (False, True)):
-        model, ids, labels, extra = mb.build_batch(model_type, variant)
+        model, ids, labels, extra = build_media_batch(model_type, variant)
         if variant is not None and is_tied(model) != variant:
             continue  # the family cannot tie (or untie) its head
         _check_media_used(model, ids, labels, extra)
@@ -390,6 +388,16 @@ def prove_multimodal(model_type: str, tie: bool | None = None) -> float:
     if not errs:
         raise RuntimeError(f"{model_type}: no head variant could be built for the media batch")
     return max(errs)
+
+
+def build_media_batch(model_type: str, tie: bool | None = None, seed: int = 1):
+    """(model, ids, labels, extra inputs) of the family's tiny model on its media batch (multimodal_batches)."""
+    base, entry = mb.media_entry(model_type)
+    config = tiny_config(base, tie)
+    if base != model_type:  # another tower on the base family's class: its edits on top of the base's
+        config = type(config)(**mb.merged(config.to_dict(), entry.config))
+    model = build(base, config=config, class_name=media_types()[base])
+    return (model, *mb.media_inputs(model, entry, _special_ids(model.config), seed))
 
 
 def _check_media_used(model, ids, labels, extra) -> None:

@@ -189,8 +189,8 @@ def test_accelerate_offloaded_head_is_called_through_its_hooks(how, order, tmp_p
 # ---- point 7: the proof's reach ---------------------------------------------------------------------------------
 
 def _gemma3_image_batch():
-    from hf_fusedce.hf import multimodal_batches
-    return multimodal_batches.build_batch("gemma3")
+    from hf_fusedce.hf import proof
+    return proof.build_media_batch("gemma3")
 
 
 def test_image_inputs_of_a_type_proven_on_text_only_run_stock_with_a_warning(monkeypatch):

@@ -59,7 +59,7 @@ def test_status_wording():
 
 
 def test_qwen2_vl_is_patched_by_class_and_its_image_batch_fused():
-    model, ids, labels, extra = multimodal_batches.build_batch("qwen2_vl")
+    model, ids, labels, extra = proof.build_media_batch("qwen2_vl")
     stock = model(input_ids=ids, labels=labels, **extra).loss
     hf_fusedce.patch(model, backend="torch")  # no force: the class is in the image-text-to-text mapping
     with warnings.catch_warnings():
@@ -69,7 +69,7 @@ def test_qwen2_vl_is_patched_by_class_and_its_image_batch_fused():
 
 
 def test_media_inputs_of_a_type_proven_on_text_only_run_stock(monkeypatch):
-    model, ids, labels, extra = multimodal_batches.build_batch("llava")
+    model, ids, labels, extra = proof.build_media_batch("llava")
     stock = model(input_ids=ids, labels=labels, **extra)
     monkeypatch.setattr(forward, "MULTIMODAL_PROVEN", forward.MULTIMODAL_PROVEN - {"llava"})
     hf_fusedce.patch(model, backend="torch")
@@ -79,14 +79,14 @@ def test_media_inputs_of_a_type_proven_on_text_only_run_stock(monkeypatch):
 
 
 def test_the_proof_fails_when_the_media_never_reach_the_encoder():
-    model, ids, labels, extra = multimodal_batches.build_batch("llava")
+    model, ids, labels, extra = proof.build_media_batch("llava")
     with pytest.raises(AssertionError, match="encoder not run"):
         proof._check_media_used(model, ids, labels, {})
 
 
 def test_analytically_zero_gradients_must_stay_noise(monkeypatch):
     """ZERO_GRAD: a gradient stock has at float noise (a vision key bias) must be noise in the patched run too."""
-    model, ids, labels, extra = multimodal_batches.build_batch("paligemma", tie=False)
+    model, ids, labels, extra = proof.build_media_batch("paligemma", tie=False)
     assert proof.compare(model, ids, labels, patch_options={"force": True}, **extra) <= proof.TOL
     name = "model.vision_tower.encoder.layers.0.self_attn.k_proj.bias"
     stock_run = proof._loss_and_grads
@@ -106,7 +106,7 @@ def test_analytically_zero_gradients_must_stay_noise(monkeypatch):
 
 def test_pixtral_vision_tower_on_the_llava_class():
     """Pixtral-12B (Liger's "pixtral"): LlavaForConditionalGeneration with a Pixtral vision tower."""
-    model, *_ = multimodal_batches.build_batch("pixtral")
+    model, *_ = proof.build_media_batch("pixtral")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert model.config.vision_config.model_type == "pixtral"
     assert proof.prove_multimodal("pixtral") <= proof.TOL
@@ -120,11 +120,11 @@ def test_every_media_batch(model_type):
 
 def test_global_patch_reaches_a_vision_language_class():
     """patch() with no model: classes of the image-text-to-text mapping are patched when built."""
-    model, ids, labels, extra = multimodal_batches.build_batch("llava")
+    model, ids, labels, extra = proof.build_media_batch("llava")
     stock = model(input_ids=ids, labels=labels, **extra).loss
     hf_fusedce.patch(backend="torch")
     try:
-        fresh, *_ = multimodal_batches.build_batch("llava")
+        fresh, *_ = proof.build_media_batch("llava")
         out = fresh(input_ids=ids, labels=labels, **extra)
         assert hf_fusedce.is_patched(fresh)
     finally:

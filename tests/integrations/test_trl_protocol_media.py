@@ -15,7 +15,7 @@ pytest.importorskip("trl")
 
 import hf_fusedce  # noqa: E402
 from hf_fusedce.hf import multimodal_batches as mb  # noqa: E402
-from hf_fusedce.hf.proof import media_proven_types  # noqa: E402
+from hf_fusedce.hf.proof import build_media_batch, media_proven_types  # noqa: E402
 
 TEMPERATURE = 0.7
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -47,7 +47,7 @@ def _check(model_type):
 
     if model_type not in media_proven_types():
         pytest.skip(f"{model_type}: no recorded media proof")
-    stock, ids, labels, extra = mb.build_batch(model_type)
+    stock, ids, labels, extra = build_media_batch(model_type)
     model = copy.deepcopy(stock)
     hf_fusedce.patch(model)
     tu.add_fused_lm_head(model, temperature=TEMPERATURE, outputs=FIELDS)  # as TRL's trainers do
