@@ -199,8 +199,8 @@ def _full_operands(h2, weight, bias, vocab):
 
 def _head_loss(model, spec, options, head, hidden, call):
     targets, ignore_index = head_targets(model, spec, call, hidden)
-    num_items = (call.get("num_items_in_batch") if (spec.shift and not spec.mean_only) or getattr(spec, "num_items", False)
-                 else None)
+    honoured = (spec.shift and not spec.mean_only) or getattr(spec, "num_items", False)  # encoder_heads' own flag
+    num_items = call.get("num_items_in_batch") if honoured else None
     t = head_transform(model, spec)
     extra = encoder_heads.extra_bias(model, spec)  # BART's final_logits_bias: added after the head
     softcap, scale = t.softcap, t.scale
