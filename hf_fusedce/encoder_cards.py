@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from .cards import CARDS_DIR
-
-INDEX = CARDS_DIR / "encoder_heads" / "README.md"
+INDEX = Path(__file__).resolve().parent.parent / "model_cards" / "encoder_heads" / "README.md"
 _QUIRKS = {"decoder_inputs": "decoder inputs built from the labels", "logit_bias": "bias after the head: {}",
            "num_items": "honours num_items_in_batch", "requires": "requires {}", "media": "{} batch"}
 
