@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     doc = run_proof(workers=args.workers) if args.refresh else load()
     write(doc, args.dir)
+    from . import encoder_cards  # the encoder-decoder / masked-LM index (model_cards/encoder_heads/)
+    encoder_cards.main(["--refresh"] if args.refresh else [])
     print(render_index(doc).splitlines()[4])
     return 0
 

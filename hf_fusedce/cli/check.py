@@ -14,6 +14,9 @@ def register(subparsers) -> None:
                            "multimodal-LM mappings (a line per family as it is "
                            "proven, with a progress bar and ETA on stderr; minutes on a CPU)")
     what.add_argument("--model", help="path of a local checkpoint (loaded in float32, CPU)")
+    p.add_argument("--kind", choices=("seq2seq", "speech_seq2seq", "masked_lm"),
+                   help="prove the class of this mapping (AutoModelForSeq2SeqLM / ForSpeechSeq2Seq / ForMaskedLM) "
+                        "instead of the causal LM; with --all: every type of that mapping")
     p.add_argument("--batches", type=int, default=2, help="synthetic batches for --model")
     p.add_argument("--seq-len", type=int, default=32, help="sequence length for --model")
     p.set_defaults(func=run)
@@ -35,6 +38,16 @@ def _remember(results) -> None:
         print(f"recorded as proven on transformers {transformers.__version__} in {path}")
 
 
+def _encoder(args) -> list:
+    from hf_fusedce.hf import encoder_heads, encoder_proof
+    types = sorted(encoder_heads.mapping(args.kind)) if args.all else args.model_type
+    results = []
+    for model_type in types:
+        results.append(encoder_proof.prove(args.kind, model_type))
+        print(_line(results[-1]), flush=True)
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     import warnings
     with warnings.catch_warnings():
@@ -53,6 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.model:
         results.append(proof.prove_checkpoint(args.model, batches=args.batches, seq_len=args.seq_len))
         print(_line(results[-1]))
+    elif args.kind:
+        results = _encoder(args)
     else:
         types = sorted(proof.fused_types()) if args.all else args.model_type
         # Each family's line is printed as soon as it is proven; the bar (stderr) shows progress and the ETA.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import fused_linear_cross_entropy
-from . import adapters, gather, tensor_parallel
+from . import adapters, encoder_heads, gather, tensor_parallel
 from .heads import HeadSpec, model_type_of, resolve
 from .recorded import media_proven_types
 
@@ -60,8 +60,10 @@ def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args
     if not _should_fuse(model, spec, options, call, skip_logits):
         return original(**call)
     head = model.get_output_embeddings()
-    stock_call = {**call, "labels": None} if "labels" in call else call
-    hidden, base_out = capture_head_input(model, head, original, stock_call)
+    stock_call = encoder_heads.prepare_call(model, spec, call)  # seq2seq: decoder inputs built from the labels
+    stock_call = {**stock_call, "labels": None} if "labels" in stock_call else stock_call
+    with encoder_heads.empty_logit_biases(model, spec):
+        hidden, base_out = capture_head_input(model, head, original, stock_call)
     loss, logits = _head_loss(model, spec, options, head, hidden, call)
     aux = router_aux(model, spec, call, base_out)
     if aux is not None:
@@ -103,7 +105,7 @@ def _should_fuse(model, spec, options, call, skip_logits) -> bool:
     elif not model.training:
         return False  # eval: metrics need the logits, stock path
     reason = adapters.unsupported_reason(model.get_output_embeddings())
-    if reason is None and not options.force:
+    if reason is None and not options.force and not getattr(spec, "media", None):  # speech seq2seq: proven
         reason = _unproven_multimodal(model, call)
     if reason:
         warnings.warn(f"hf_fusedce: {reason}; using the stock (materialized logits) loss", stacklevel=4)
@@ -197,17 +199,23 @@ def _full_operands(h2, weight, bias, vocab):
 
 def _head_loss(model, spec, options, head, hidden, call):
     targets, ignore_index = head_targets(model, spec, call, hidden)
-    num_items = call.get("num_items_in_batch") if spec.shift and not spec.mean_only else None
+    honoured = (spec.shift and not spec.mean_only) or getattr(spec, "num_items", False)  # encoder_heads' own flag
+    num_items = call.get("num_items_in_batch") if honoured else None
     t = head_transform(model, spec)
+    extra = encoder_heads.extra_bias(model, spec)  # BART's final_logits_bias: added after the head
     softcap, scale = t.softcap, t.scale
 
     def run(inner, h):
         h2, weight, bias = adapters.linear_parts(inner, h)
         shard = tensor_parallel.vocab_shard(weight, bias, t.vocab)  # TP head: this rank's vocabulary slice only
         if shard is not None:
+            if extra is not None:
+                raise NotImplementedError("hf_fusedce: a vocab-parallel head with a logit bias after it")
             weight, bias, loss_fn = shard.weight, shard.bias, shard.loss_fn
         else:
             h2, weight, bias = _full_operands(h2, weight, bias, t.vocab)
+            if extra is not None:
+                bias = extra.to(weight.dtype) if bias is None else bias + extra.to(bias.dtype)
             loss_fn = fused_linear_cross_entropy
         common = dict(bias=bias, softcap=softcap, logit_scale=scale, backend=options.backend,
                       chunk_budget_bytes=options.chunk_budget_bytes, label_smoothing=options.label_smoothing,

@@ -19,7 +19,7 @@ import torch
 
 from ..ops.autograd import check_dw_accumulation
 from ..ops.chunking import check_budget
-from . import gather
+from . import encoder_heads, gather
 from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, LOSS_MAPPINGS, PLAIN, REFUSED, HeadSpec, fused_classes, model_type_of
 from .recorded import recorded_result, status_text, warn_if_changed
@@ -29,10 +29,13 @@ _CLASS_OURS: dict[type, object] = {}  # class -> the forward patch() gave it
 _GLOBAL: dict = {}  # while patch() is active: {"options":..., "post_init": stock post_init}
 
 
-def supported_model_types(status: bool = False) -> list[str] | dict[str, str]:
+def supported_model_types(status: bool = False, kind: str = "causal_lm") -> list[str] | dict[str, str]:
     """Model types whose head the table describes (proven by hf_fusedce.hf.proof). status=True: {model type:
     its recorded proof status}, e.g. "proven exact on an image batch", "proven on text only (reason)"; the
-    refused types of the installed transformers are included with their reason."""
+    refused types of the installed transformers are included with their reason. kind "seq2seq",
+    "speech_seq2seq" or "masked_lm": the types of that auto mapping (hf.encoder_heads, hf.encoder_proof)."""
+    if kind != "causal_lm":
+        return encoder_heads.supported(kind, status)
     if not status:
         return sorted(HEADS)
     out = {}
@@ -80,6 +83,9 @@ def _spec(model, force: bool) -> HeadSpec:
     model_type = model_type_of(model)
     if model.get_output_embeddings() is None:
         raise ValueError(f"hf_fusedce: {type(model).__name__} has no output embeddings: not a causal LM head")
+    encoder = _encoder_spec(model, force)
+    if encoder is not None:
+        return encoder
     spec = HEADS.get(model_type)
     why_class = class_refusal(model)
     if why_class is not None:
@@ -106,6 +112,22 @@ def loss_kind_spec(model, spec: HeadSpec) -> HeadSpec:
     if entry is not None and entry[1] == "unshifted" and spec.shift:
         return dataclasses.replace(spec, shift=False)
     return spec
+
+
+def _encoder_spec(model, force: bool):
+    """A class of the seq2seq / speech-seq2seq / masked-LM mappings: its encoder_heads spec, or refused with the
+    reason (None: not such a class, the causal-LM rules apply)."""
+    found = encoder_heads.spec_or_reason(_forward_class(type(model)), model)
+    if found is None or isinstance(found, HeadSpec):
+        return found
+    name = type(model).__name__
+    if not force:
+        raise ValueError(f"hf_fusedce: refusing to patch {name}: {found}. Its training loss could differ from "
+                         "stock. Pass force=True to treat it as a plain unshifted head (decoder inputs built from "
+                         "the labels when it has a decoder) and check it against stock.")
+    warnings.warn(f"hf_fusedce: {name} forced as a plain unshifted head ({found})", stacklevel=4)
+    return encoder_heads.EncoderHeadSpec(decoder_inputs=hasattr(model, "get_decoder") and
+                                         getattr(model.config, "is_encoder_decoder", False))
 
 
 def _warn_if_unproven(model_type: str) -> None:

@@ -240,7 +240,7 @@ def batch(model, seed: int = 1):
 def _loss_and_grads(model, ids, labels, **kw):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # same random stream for stock and patched (training-mode noise, if a family has any)
-    out = model(input_ids=ids, labels=labels, **kw)
+    out = model(**({} if ids is None else {"input_ids": ids}), labels=labels, **kw)  # None: speech features in kw
     out.loss.backward()
     grads = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
     return out, grads

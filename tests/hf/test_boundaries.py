@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM,
-                          LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM)
+from transformers import (BertConfig, BertForMaskedLM, BertForPreTraining, ElectraConfig, ElectraForPreTraining,
+                          LlamaForCausalLM)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import hf_fusedce
@@ -35,21 +35,21 @@ def loss_and_grads(model, **kw):
 # ---- point 1: decided by class ------------------------------------------------------------------------------
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-NOT_CAUSAL = {
-    "BertForMaskedLM": (lambda: BertForMaskedLM(BertConfig(**SMALL)), "BertLMHeadModel"),
-    "RobertaForMaskedLM": (lambda: RobertaForMaskedLM(RobertaConfig(**SMALL)), "RobertaForCausalLM"),
-    "BartForConditionalGeneration": (lambda: BartForConditionalGeneration(BartConfig(
-        vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)), "BartForCausalLM"),
+NOT_CAUSAL = {  # pretraining heads whose loss adds another term (next-sentence, replaced-token detection)
+    "BertForPreTraining": (lambda: BertForPreTraining(BertConfig(**SMALL)), "BertLMHeadModel"),
+    "ElectraForPreTraining": (lambda: ElectraForPreTraining(ElectraConfig(**SMALL, embedding_size=32)),
+                              None),  # the discriminator: no output embeddings at all
 }
 
 
 @pytest.mark.parametrize("name", NOT_CAUSAL)
 def test_a_class_whose_loss_is_not_the_causal_lm_loss_is_refused(name):
-    """BertForMaskedLM shares model_type "bert" with the causal BertLMHeadModel: the class decides."""
+    """BertForPreTraining shares model_type "bert" with the causal BertLMHeadModel: the class decides (the
+    masked-LM classes are hf.encoder_heads', tests/hf/test_encoder_heads.py)."""
     build, causal_sibling = NOT_CAUSAL[name]
     model = build()
-    with pytest.raises(ValueError, match=f"refusing to patch {name}.*{causal_sibling}.*AutoModelForCausalLM"):
+    why = f"refusing to patch {name}.*{causal_sibling}.*AutoModelForCausalLM" if causal_sibling else "no output embed"
+    with pytest.raises(ValueError, match=why):
         hf_fusedce.patch(model)
     assert not hf_fusedce.is_patched(model)
 
@@ -57,7 +57,7 @@ def test_a_class_whose_loss_is_not_the_causal_lm_loss_is_refused(name):
 def test_global_patch_leaves_a_masked_lm_class_stock():
     hf_fusedce.patch()
     try:
-        model = NOT_CAUSAL["BertForMaskedLM"][0]()
+        model = BertForMaskedLM(BertConfig(**SMALL))
         assert not hf_fusedce.is_patched(model)
     finally:
         hf_fusedce.unpatch()
