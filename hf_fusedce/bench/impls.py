@@ -73,6 +73,11 @@ def _ours_strategy(backend: str):
         src = f"env {ENV_BUDGET_MB}" if os.environ.get(ENV_BUDGET_MB) else "default"
         if device.type == "cuda" and src == "default":
             return f"chunked, grads in forward, backend={backend}, chunk budget: roofline pick per shape"
+        if device.type == "cpu" and src == "default":
+            from hf_fusedce.ops.cpu_plan import plan_mode
+
+            return (f"chunked, grads in forward, backend={backend}, chunk budget: CPU cost-model pick per shape "
+                    f"(ops/cpu_plan.py, {plan_mode()})")
         return (f"chunked, grads in forward, backend={backend}, "
                 f"chunk budget {default_budget_bytes(device) / 2**20:g} MiB ({src})")
 

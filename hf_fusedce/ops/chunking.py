@@ -8,8 +8,8 @@ import warnings
 import torch
 
 _MiB = 1 << 20
-# CPU: small chunks keep the head's extra memory a few percent of materialized logits at no speed cost
-# (the GEMMs stay large enough for MKL). CUDA: large chunks keep cuBLAS efficient and the number of
+# CPU: the cross-entropy op picks its budget per shape (ops/cpu_plan.py); 32 MiB is the distillation and
+# token-stats default and the floor of that pick (at V=151936 fp32 it holds ~52 rows: too few). CUDA: large chunks keep cuBLAS efficient and the number of
 # read-modify-write passes over the dW accumulator small; 768 MiB leaves room under a 1 GiB overhead ceiling
 # for the chunk plus the per-row vectors (N=8192, V=128256 bf16: 3 chunks of 2731 rows).
 DEFAULT_BUDGET_BYTES = {"cpu": 32 * _MiB, "cuda": 768 * _MiB}

@@ -1,0 +1,215 @@
+"""The CPU chunk budget for one call's (N, D, V, dtype): a cost model of the chunk loop on this machine.
+
+A fixed budget is wrong at large vocabularies: 32 MiB holds ~52 rows of V=151936 fp32 logits, the GEMMs run at
+~50 rows (a third of the BLAS's rate) and GEMM 3 reads and writes the whole V x D dW accumulator once per chunk
+(issue 19: 1.65x the 3-GEMM floor at Qwen2.5-0.5B's head). Per chunk of r rows (s = bytes of the chunk dtype,
+a = of the dW accumulator) the model charges
+  GEMMs 1-3     6 r D V FLOPs at the BLAS rate measured at r rows (GEMM 3 at the fp32 rate when a bf16/fp16
+                chunk feeds an fp32 accumulator: the CPU has no mixed GEMM, the operands are upcast)
+  weight reads  2 V D s bytes (GEMMs 1 and 2 stream W)
+  dW            V D a bytes written by the first chunk, 2 V D a (read-modify-write) by every other one
+  upcasts       (r V + r D)(s + 4) bytes when the accumulator is fp32 and the chunk is not, plus the final
+                downcast V D (4 + s)
+at the measured memory bandwidth. The floor is 6 N D V at the best rate measured. The row passes over the logits
+cost the same at every chunk size and are left out; TIME_TARGET leaves them room under the issue's 1.10x goal.
+
+The plan is the smallest candidate budget whose modelled time is within TIME_TARGET x floor (the fastest if
+none is), never above MAX_BUDGET_BYTES nor an eighth of the call's fp32 logits (unless that is below the old 32 MiB
+default): the head's extra memory stays a chunk of at most 512 MiB plus per-row vectors, whatever N. So few tokens
+(N=1024 at V=151936 fp32: 128 rows) stay short of the floor: memory first; an explicit budget buys the speed.
+
+The machine is measured once per process and (dtype, D) (~0.1-1.5 s), and only for calls at least
+CALIBRATE_RATIO times the calibration's own work; smaller calls, calls under torch.compile and HF_FUSEDCE_CPU_PLAN=profile use
+PROFILE, the numbers measured on the project's 2-core CPU (2026-12-05). HF_FUSEDCE_CPU_PLAN=fixed restores the
+constant 32 MiB budget. An explicit chunk_budget_bytes or HF_FUSEDCE_CHUNK_BUDGET_MB still wins over all this.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .autograd import dw_accumulator_dtype
+from .chunking import rows_per_chunk
+
+_MiB = 1 << 20
+ENV_CPU_PLAN = "HF_FUSEDCE_CPU_PLAN"  # measure (default) | profile | fixed
+PLAN_MODES = ("measure", "profile", "fixed")
+FIXED_BUDGET_BYTES = 32 * _MiB  # the old constant default, and the floor of the candidates
+MAX_BUDGET_BYTES = 512 * _MiB  # the default memory bound of the head's chunk on CPU
+LOGITS_FRACTION = 8  # ... and at most 1/8 of the call's fp32 logits (fp32 chunks <= N/8 rows, bf16 <= N/4)
+CANDIDATE_BUDGETS = tuple(m * _MiB for m in (32, 48, 64, 96, 128, 192, 256, 384, 512))
+TIME_TARGET = 1.05  # x floor for GEMMs + memory traffic: ~5% left for the row passes under the 1.10 goal
+CALIBRATION_ROWS = (64, 128, 256, 512, 1024, 2048)
+CALIBRATION_VOCAB = 1024  # W slice the calibration GEMMs run against
+CALIBRATE_RATIO = 30  # calibrate only for calls >= 30x the calibration's FLOPs (it costs < ~3% of the call, once)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """BLAS FLOP/s at CALIBRATION_ROWS rows per dtype name (three GEMMs of a chunk), and memory bytes/s."""
+
+    rates: tuple[tuple[str, tuple[float, ...]], ...]
+    bandwidth: float
+    source: str
+
+    def rate(self, dtype: torch.dtype, rows: int) -> float:
+        table = dict(self.rates)
+        curve = table.get(_name(dtype)) or table["float32"]
+        if rows <= CALIBRATION_ROWS[0]:  # below the smallest measured row count: rate ~ proportional to rows
+            return curve[0] * rows / CALIBRATION_ROWS[0]
+        for (r0, g0), (r1, g1) in zip(zip(CALIBRATION_ROWS, curve), zip(CALIBRATION_ROWS[1:], curve[1:])):
+            if rows <= r1:  # linear in log2(rows) between measured points
+                f = math.log2(rows / r0) / math.log2(r1 / r0)
+                return g0 + f * (g1 - g0)
+        return curve[-1]
+
+    def peak(self, dtype: torch.dtype) -> float:
+        table = dict(self.rates)
+        return max(table.get(_name(dtype)) or table["float32"])
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# Measured on the project's CPU (2 cores, Intel, torch 2.13 CPU, 2026-12-05, load ~2.7), three GEMMs of r rows
+# against a D=896 weight slice: fp32 saturates near 512 rows, bf16 keeps gaining up to 2048.
+PROFILE = Machine(rates=(("float32", (42e9, 79e9, 103e9, 150e9, 148e9, 150e9)),
+                         ("bfloat16", (23e9, 50e9, 207e9, 236e9, 318e9, 351e9))),
+                  bandwidth=9.7e9, source="profile (project CPU, 2026-12-05)")
+
+
+@dataclass(frozen=True)
+class CpuEstimate:
+    budget_bytes: int
+    chunks: int
+    rows: int
+    dw_dtype: str
+    seconds: float
+    floor_seconds: float
+    chunk_bytes: int
+
+    @property
+    def x_floor(self) -> float:
+        return self.seconds / self.floor_seconds
+
+
+def estimate(n: int, d: int, v: int, dtype: torch.dtype, budget_bytes: int, machine: Machine = PROFILE,
+             dw_accumulation: str = "auto") -> CpuEstimate:
+    s = torch.finfo(dtype).bits // 8  # the torch row kernel works in place: s bytes per logit
+    rows = rows_per_chunk(n, v, s, budget_bytes)
+    chunks = max(1, math.ceil(n / rows))
+    acc = dw_accumulator_dtype(dtype, chunks, dw_accumulation)
+    a = torch.finfo(acc).bits // 8
+    dw_gemm_dtype = torch.float32 if a != s else dtype
+    bw = machine.bandwidth
+
+    def chunk(r: int, first: bool) -> float:
+        t = 4 * r * d * v / machine.rate(dtype, r) + 2 * r * d * v / machine.rate(dw_gemm_dtype, r)
+        moved = 2 * v * d * s + v * d * a * (1 if first else 2)
+        if a != s:
+            moved += (r * v + r * d) * (s + 4)
+        return t + moved / bw
+
+    last = n - (chunks - 1) * rows
+    seconds = chunk(last if chunks == 1 else rows, True) + max(0, chunks - 2) * chunk(rows, False)
+    seconds += chunk(last, False) if chunks > 1 else 0.0
+    if a != s:
+        seconds += v * d * (a + s) / bw
+    floor = 6 * n * d * v / machine.peak(dtype)
+    return CpuEstimate(budget_bytes, chunks, rows, _name(acc), seconds, floor, min(rows, n) * v * s)
+
+
+def memory_cap(n: int, v: int, dtype: torch.dtype) -> int:
+    """Largest budget the plan may pick: MAX_BUDGET_BYTES, and an eighth of the call's logits in fp32 (stock
+    holds at least three times that: logits, their gradient, one temporary), but not below the old fixed
+    default. So the chunk stays <= ~4% of stock's logits memory and the whole head (gradients included) within
+    issue 2's 10% at N=4096, D=512, V=32000."""
+    return max(FIXED_BUDGET_BYTES, min(MAX_BUDGET_BYTES, n * v * 4 // LOGITS_FRACTION))
+
+
+def candidates(n: int, v: int, dtype: torch.dtype) -> list[int]:
+    """CANDIDATE_BUDGETS below the memory cap, and the cap itself."""
+    cap = memory_cap(n, v, dtype)
+    return sorted({b for b in CANDIDATE_BUDGETS if b < cap} | {cap})
+
+
+def choose(n: int, d: int, v: int, dtype: torch.dtype, machine: Machine = PROFILE, dw_accumulation: str = "auto",
+           target: float = TIME_TARGET) -> CpuEstimate:
+    """The smallest candidate budget under memory_cap whose modelled time is within target x floor, else the
+    fastest candidate."""
+    ests = [estimate(n, d, v, dtype, b, machine, dw_accumulation) for b in candidates(n, v, dtype)]
+    ok = [e for e in ests if e.x_floor <= target]
+    return min(ok, key=lambda e: e.budget_bytes) if ok else min(ests, key=lambda e: (e.seconds, e.budget_bytes))
+
+
+def plan_mode() -> str:
+    mode = os.environ.get(ENV_CPU_PLAN, "measure").strip().lower() or "measure"
+    if mode not in PLAN_MODES:
+        raise ValueError(f"{ENV_CPU_PLAN}={mode!r}: use one of {', '.join(PLAN_MODES)} "
+                         "(measure: calibrate on this machine; profile: the stored CPU profile; fixed: 32 MiB)")
+    return mode
+
+
+def default_budget(n: int, d: int, v: int, dtype: torch.dtype, dw_accumulation: str = "auto") -> int:
+    """The CPU default chunk budget for this call (see the module docstring)."""
+    mode = plan_mode()
+    if mode == "fixed" or n * v * (torch.finfo(dtype).bits // 8) <= FIXED_BUDGET_BYTES:
+        return FIXED_BUDGET_BYTES  # one chunk either way: nothing to plan
+    machine = PROFILE
+    if mode == "measure" and not torch.compiler.is_compiling() and 6 * n * d * v >= CALIBRATE_RATIO * \
+            calibration_flops(d, dtype):
+        machine = measured_machine(dtype, d)
+    return _choose_cached(n, d, v, dtype, machine, dw_accumulation)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_cached(n, d, v, dtype, machine, dw_accumulation) -> int:
+    return choose(n, d, v, dtype, machine, dw_accumulation).budget_bytes
+
+
+def _calibrated_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    return (dtype,) if dtype in (torch.float32, torch.float64) else (dtype, torch.float32)
+
+
+def calibration_flops(d: int, dtype: torch.dtype) -> int:
+    return 2 * 6 * sum(CALIBRATION_ROWS) * d * CALIBRATION_VOCAB * len(_calibrated_dtypes(dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def measured_machine(dtype: torch.dtype, d: int) -> Machine:
+    """Time the three GEMMs of a chunk at each CALIBRATION_ROWS (best of two; one warm-up per dtype) for the chunk
+    dtype (and fp32, the rate of GEMM 3 with an fp32 accumulator), and a streaming add for the bandwidth."""
+    gen = torch.Generator().manual_seed(0)
+    rates = []
+    for dt in _calibrated_dtypes(dtype):
+        w = torch.randn(CALIBRATION_VOCAB, d, generator=gen).to(dt)
+        curve = []
+        _ = torch.randn(CALIBRATION_ROWS[0], d, generator=gen).to(dt) @ w.t()  # warm-up: threads, BLAS init
+        for r in CALIBRATION_ROWS:
+            h = torch.randn(r, d, generator=gen).to(dt)
+            best = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                z = h @ w.t()
+                _ = z @ w, z.t() @ h
+                best = min(best, time.perf_counter() - t0)
+            curve.append(6 * r * d * CALIBRATION_VOCAB / best)
+        rates.append((_name(dt), tuple(curve)))
+    return Machine(tuple(rates), _bandwidth(), "measured")
+
+
+def _bandwidth(nbytes: int = 128 * _MiB) -> float:
+    x, y = torch.ones(nbytes // 4), torch.ones(nbytes // 4)
+    best = math.inf
+    for i in range(3):
+        t0 = time.perf_counter()
+        x.add_(y)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 3 * nbytes / best  # read x, read y, write x

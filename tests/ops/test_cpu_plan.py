@@ -1,0 +1,129 @@
+"""The CPU chunk plan's decisions (ops/cpu_plan.py): rows per chunk, the memory bound, who wins. No timings."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fusedce.ops import api, cpu_plan as cp
+from hf_fusedce.ops import fused_linear_cross_entropy
+from hf_fusedce.ops.chunking import ENV_BUDGET_MB
+
+MiB = 1 << 20
+F32, BF16 = torch.float32, torch.bfloat16
+# (D, V) of the heads in issue 19's matrix
+HEADS = {"llama3.2-1b": (2048, 128256), "qwen2.5-0.5b": (896, 151936), "qwen2.5-7b": (3584, 152064),
+         "gemma2-2b": (2304, 256000)}
+
+
+def test_qwen_head_at_1k_tokens_gets_hundreds_of_rows_not_52():
+    """Issue 19's case: the fixed 32 MiB left 55 rows a chunk; the plan holds an eighth of the tokens (the
+    memory cap: 1/8 of the fp32 logits), so the GEMMs run at 128 rows and dW is rewritten 8 times, not 19."""
+    e = cp.choose(1024, 896, 151936, F32)
+    assert e.rows >= 128 and e.chunks <= 8, e
+    old = cp.estimate(1024, 896, 151936, F32, 32 * MiB)
+    assert old.rows < 64 and e.seconds < 0.8 * old.seconds  # the model sees the old default's loss too
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_at_4k_tokens_the_plan_is_near_the_modelled_floor(head, dtype):
+    d, v = HEADS[head]
+    e = cp.choose(4096, d, v, dtype)
+    assert e.rows >= 512 and e.x_floor <= 1.15 and e.chunk_bytes <= 4096 * v * 4 // 8, e
+    assert e.x_floor < cp.estimate(4096, d, v, dtype, 32 * MiB).x_floor
+
+
+@pytest.mark.parametrize("n", [1024, 4096, 16384, 65536])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_memory_bound(n, dtype):
+    """A chunk never exceeds MAX_BUDGET_BYTES nor 1/8 of the call's fp32 logits (no tokens x vocab tensor)."""
+    for d, v in HEADS.values():
+        e = cp.choose(n, d, v, dtype)
+        assert e.chunk_bytes <= cp.MAX_BUDGET_BYTES and e.chunk_bytes <= n * v * 4 // 8 and e.chunks >= 4, e
+
+
+def test_picks_the_fewest_bytes_within_the_target():
+    """A flat BLAS rate and free memory traffic: every budget is at the floor, so the smallest wins; slow
+    memory makes the dW read-modify-write per chunk costly, so the plan takes bigger chunks."""
+    flat = cp.Machine((("float32", (100e9,) * len(cp.CALIBRATION_ROWS)),), 1e18, "test")
+    assert cp.choose(4096, 512, 32000, F32, flat).budget_bytes == cp.CANDIDATE_BUDGETS[0]  # 256 rows
+    slow_memory = cp.Machine(flat.rates, 1e9, "test")
+    assert cp.choose(4096, 512, 32000, F32, slow_memory).budget_bytes > cp.CANDIDATE_BUDGETS[0]
+
+
+def test_falls_back_to_the_fastest_when_nothing_meets_the_target():
+    e = cp.choose(4096, 896, 151936, F32, target=0.5)
+    times = [cp.estimate(4096, 896, 151936, F32, b).seconds for b in cp.candidates(4096, 151936, F32)]
+    assert e.seconds == pytest.approx(min(times))
+
+
+def test_small_calls_keep_the_old_budget_and_never_calibrate(monkeypatch):
+    def boom(*a):
+        raise AssertionError("calibrated for a small call")
+
+    monkeypatch.setattr(cp, "measured_machine", boom)
+    assert cp.default_budget(64, 512, 32000, F32) == cp.FIXED_BUDGET_BYTES  # one chunk anyway
+    assert cp.default_budget(1024, 512, 32000, F32) in cp.CANDIDATE_BUDGETS + (cp.memory_cap(1024, 32000, F32),)
+
+
+def test_big_calls_calibrate_once(monkeypatch):
+    calls = []
+
+    def fake(dtype, d):
+        calls.append((dtype, d))
+        return cp.PROFILE
+
+    monkeypatch.setattr(cp, "measured_machine", fake)
+    cp._choose_cached.cache_clear()
+    assert cp.default_budget(4096, 896, 151936, F32) == cp.choose(4096, 896, 151936, F32).budget_bytes
+    assert calls == [(F32, 896)]
+
+
+def test_env_modes(monkeypatch):
+    monkeypatch.setenv(cp.ENV_CPU_PLAN, "fixed")
+    assert cp.default_budget(4096, 896, 151936, F32) == 32 * MiB
+    monkeypatch.setenv(cp.ENV_CPU_PLAN, "profile")
+    monkeypatch.setattr(cp, "measured_machine", lambda *a: pytest.fail("profile mode calibrated"))
+    assert cp.default_budget(4096, 896, 151936, F32) == cp.choose(4096, 896, 151936, F32).budget_bytes
+    monkeypatch.setenv(cp.ENV_CPU_PLAN, "fast")
+    with pytest.raises(ValueError, match="HF_FUSEDCE_CPU_PLAN"):
+        cp.default_budget(4096, 896, 151936, F32)
+
+
+def _plan_budget(monkeypatch, n, budget=None):
+    monkeypatch.setenv(cp.ENV_CPU_PLAN, "profile")
+    hidden, weight = torch.empty(n, 896), torch.empty(151936, 896)
+    return api._plan(api.LossSpec(-100, "mean", 0.0, 0.0, None, 1.0), "torch", hidden, weight, budget).budget_bytes
+
+
+def test_explicit_budget_and_env_win(monkeypatch):
+    assert _plan_budget(monkeypatch, 4096) == cp.choose(4096, 896, 151936, F32).budget_bytes
+    assert _plan_budget(monkeypatch, 4096, 3 * MiB) == 3 * MiB
+    monkeypatch.setenv(ENV_BUDGET_MB, "7")
+    assert _plan_budget(monkeypatch, 4096) == 7 * MiB
+
+
+def test_calibration_measures_this_machine():
+    m = cp.measured_machine(F32, 64)
+    assert m.source == "measured" and m.bandwidth > 0 and all(r > 0 for _, rates in m.rates for r in rates)
+
+
+def test_planned_default_gives_the_numbers_of_a_small_budget(monkeypatch):
+    """Numerics do not depend on the plan: the default (chunks of hundreds of rows here) equals a run of
+    64-row chunks up to fp32 summation order."""
+    monkeypatch.setenv(cp.ENV_CPU_PLAN, "profile")
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 2048, 32, 40000
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(v, d, generator=g).mul_(0.3).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    assert cp.default_budget(n, d, v, F32) > 32 * MiB  # the plan, not the old default, is exercised
+    out = []
+    for budget in (None, 64 * v * 4):
+        h.grad = w.grad = None
+        fused_linear_cross_entropy(h, w, y, backend="torch", chunk_budget_bytes=budget).backward()
+        loss = fused_linear_cross_entropy(h, w, y, backend="torch", chunk_budget_bytes=budget)
+        out.append((loss.detach(), h.grad.clone(), w.grad.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
