@@ -27,6 +27,7 @@ class Impl:
     _resolve: Callable[[torch.device], "Forward | str"] = field(repr=False)
     default: bool = True  # part of the default matrix
     cpu_opt_in: bool = False  # on CPU, measured only when named in --impls (interpreter-only there)
+    softcap: bool = False  # the forward takes softcap=... (final-logit softcapping, Gemma 2)
 
     def describe(self, device: torch.device) -> str:
         return self.strategy(device) if callable(self.strategy) else self.strategy
@@ -45,7 +46,8 @@ class Impl:
 
 def _needs_cuda(device, what):
     if device.type != "cuda":
-        return f"skipped: {what} runs on CUDA only"
+        return (f"skipped: {what} runs on CUDA only (on CPU only under TRITON_INTERPRET=1, the Triton interpreter: "
+                "far too slow to time)")
     return None
 
 
@@ -58,8 +60,8 @@ def _ours(backend: str):
         if backend == "triton" and not triton_available(device):
             return "skipped: triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)"
 
-        def fwd(h, w, y):
-            return fused_linear_cross_entropy(h, w, y, backend=backend)
+        def fwd(h, w, y, softcap=None):
+            return fused_linear_cross_entropy(h, w, y, backend=backend, softcap=softcap)
 
         return fwd
 
@@ -86,8 +88,10 @@ def _ours_strategy(backend: str):
 
 # ---------------------------------------------------------------- stock (what transformers does)
 def _stock(device):
-    def fwd(h, w, y):
+    def fwd(h, w, y, softcap=None):
         logits = F.linear(h, w)  # bf16 under autocast, like lm_head
+        if softcap is not None:  # Gemma 2's final_logit_softcapping, as its forward does it
+            logits = torch.tanh(logits / softcap) * softcap
         logits = logits.float()  # ForCausalLMLoss upcasts the logits
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100, reduction="mean")
 
@@ -153,9 +157,9 @@ def _cce(exact: bool):
 def _trl(device):
     from trl.kernels import ChunkedLogProbFunction
 
-    def fwd(h, w, y):
+    def fwd(h, w, y, softcap=None):
         keep = y != -100  # TRL's trainers drop ignored rows before calling it
-        logprobs = ChunkedLogProbFunction.apply(h[keep], w, None, y[keep], 1.0, TRL_VOCAB_CHUNK, None, 1.0, ())[0]
+        logprobs = ChunkedLogProbFunction.apply(h[keep], w, None, y[keep], 1.0, TRL_VOCAB_CHUNK, softcap, 1.0, ())[0]
         return -logprobs.sum() / keep.sum().clamp(min=1)
 
     return fwd
@@ -189,7 +193,7 @@ class _ThreeGemms(torch.autograd.Function):
 
 
 def _floor(device):
-    def fwd(h, w, y):
+    def fwd(h, w, y, softcap=None):  # softcapping adds no GEMM: the floor is the same
         return _ThreeGemms.apply(h, w)
 
     return fwd
@@ -197,10 +201,10 @@ def _floor(device):
 
 def _registry() -> dict[str, Impl]:
     impls = [
-        Impl("ours-torch", "ours", _ours_strategy("torch"), True, _ours("torch")),
-        Impl("ours-triton", "ours", _ours_strategy("triton"), True, _ours("triton"), cpu_opt_in=True),
+        Impl("ours-torch", "ours", _ours_strategy("torch"), True, _ours("torch"), softcap=True),
+        Impl("ours-triton", "ours", _ours_strategy("triton"), True, _ours("triton"), cpu_opt_in=True, softcap=True),
         Impl("stock", "stock", "logits materialized, .float(), F.cross_entropy (transformers ForCausalLMLoss)",
-             True, _stock),
+             True, _stock, softcap=True),
         Impl("torch-lce", "peer", "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",
              True, _torch_lce),
         Impl("liger", "peer", "Liger-Kernel fused linear cross-entropy, default (dW accumulated in input dtype)",
@@ -210,9 +214,9 @@ def _registry() -> dict[str, Impl]:
         Impl("cce", "peer", "Apple cut-cross-entropy, default (gradient filtering: approximate)", False, _cce(False)),
         Impl("cce-exact", "peer", "Apple cut-cross-entropy, no gradient filtering (exact)", True, _cce(True)),
         Impl("trl-chunked", "peer", f"TRL trl.kernels.ChunkedLogProbFunction (vocab tiles of {TRL_VOCAB_CHUNK}; "
-             "recompute in backward, fp32 dW)", True, _trl),
+             "recompute in backward, fp32 dW)", True, _trl, softcap=True),
         Impl("floor", "floor", "the three GEMMs alone: z=hW^T, dh=zW, dW=z^T h (timing floor; no loss)",
-             True, _floor),
+             True, _floor, softcap=True),
     ]
     return {i.name: i for i in impls}
 

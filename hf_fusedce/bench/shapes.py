@@ -12,6 +12,7 @@ class Shape:
     name: str
     d: int  # hidden size
     v: int  # vocabulary size
+    softcap: float | None = None  # final-logit softcapping (Gemma 2: 30)
 
 
 # The issue-5 matrix (GPU).
@@ -28,7 +29,25 @@ CPU_SHAPES = {
     "cpu-d512-v32k": Shape("cpu-d512-v32k", 512, 32000),
 }
 CPU_NS = (512, 1024)
-KNOWN_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+# Issue 19: the heads of models people fine-tune, timed on CPU too (`--matrix real-heads`).
+REAL_HEADS = {
+    "qwen2.5-0.5b": Shape("qwen2.5-0.5b", 896, 151936),
+    "llama3.2-1b": Shape("llama3.2-1b", 2048, 128256),
+    "qwen2.5-7b": Shape("qwen2.5-7b", 3584, 152064),
+    "gemma2-2b-softcap": Shape("gemma2-2b-softcap", 2304, 256000, softcap=30.0),
+}
+REAL_NS = (1024, 4096, 16384)
+REAL_DTYPES = ("fp32", "bf16")
+KNOWN_SHAPES = {**GPU_SHAPES, **CPU_SHAPES, **REAL_HEADS}
+
+
+def real_heads_cells(shapes=None, ns=None, dtypes=None) -> list[tuple[str, Shape, int]]:
+    """(dtype key, shape, N) of the real-heads matrix in priority order: N=4096 first (Qwen2.5-0.5B and
+    Llama-3.2-1B, then the others), then N=1024, then N=16384; fp32 before bf16 within each."""
+    shapes = shapes or list(REAL_HEADS.values())
+    ns, dtypes = ns or REAL_NS, dtypes or REAL_DTYPES
+    n_order = sorted(ns, key=lambda n: (n != 4096, n))
+    return [(dt, shape, n) for n in n_order for shape in shapes for dt in dtypes]
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,19 @@ def register(subparsers):
                    help="after this many seconds, record the remaining measurements as skipped and write the "
                         "report (keeps a run inside a hard time limit)")
     p.add_argument("--skip-matrix", action="store_true", help="skip the op matrix (only --e2e/--verify/--profile)")
+    p.add_argument("--matrix", choices=("default", "real-heads"), default="default",
+                   help="real-heads: the heads of Qwen2.5-0.5B, Llama-3.2-1B, Qwen2.5-7B, Gemma-2-2B (softcap 30) at "
+                        "N 1024/4096/16384, fp32 and bf16, implementations interleaved, N=4096 first; --shapes, "
+                        "--n, --dtype, --impls narrow it (default out model_cards/benchmarks/cpu/real-heads)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="--matrix real-heads: timed rounds after the memory/warm-up round (default 2)")
+    p.add_argument("--e2e-rss", default=None, metavar="SEQS",
+                   help="one training step of a 2-layer Qwen2.5-0.5B-shaped model (V=151936 tied, fp32) at these "
+                        "comma-separated token counts, stock and patched each in a subprocess: peak RSS, step time, "
+                        "OOM reported as such (e.g. 4096,16384)")
+    p.add_argument("--e2e-rss-steps", type=int, default=2, help="steps per variant for --e2e-rss (default 2)")
+    p.add_argument("--e2e-rss-limit-gib", type=float, default=16.0,
+                   help="address-space limit of each --e2e-rss child (default 16; 0: none)")
     g = p.add_argument_group("end to end")
     g.add_argument("--e2e", action="store_true",
                    help="also one training step of a Llama-3.2-1B-shaped model (CPU: a tiny one), stock vs patched")
@@ -114,7 +127,8 @@ def _command_line(args) -> list[str]:
         if k in ("func", "command") or v in (None, False) or (k == "max_seconds" and v == 3.0) or \
                 (k == "ref" and v == "min") or (k == "seed" and v == 0) or (k == "e2e_repeats" and v == 3) or \
                 (k == "op" and v == "ce") or (k == "beta" and v == "0.0") or (k == "temperature" and v == 1.0) or \
-                (k == "tp" and v == "1,2,4") or (k == "tp_threads" and v == 1):
+                (k == "tp" and v == "1,2,4") or (k == "tp_threads" and v == 1) or (k == "matrix" and v == "default") \
+                or (k == "rounds" and v == 2) or (k == "e2e_rss_steps" and v == 2) or (k == "e2e_rss_limit_gib" and v == 16):
             continue
         flag = "--" + k.replace("_", "-")
         if v is True:
@@ -166,6 +180,9 @@ def run(args) -> int:
         from hf_fusedce.bench.distill import run as run_distill
 
         return run_distill(args, device, _command_line(args))
+    if args.matrix == "real-heads" or args.e2e_rss:
+        return _run_real_heads(args, device, impls if args.impls else None, modes if args.dtype else None,
+                               shapes if args.shapes else None, ns if args.n else None)
     if args.op == "tp":
         from hf_fusedce.bench.tp import run as run_tp
 
@@ -235,3 +252,45 @@ def _profile(args, device, case, shapes, ns, modes, out) -> list[str]:
     except Exception as err:  # noqa: BLE001
         log(f"[profile] failed: {type(err).__name__}: {err}")
         return []
+
+
+def _run_real_heads(args, device, impls, modes, shapes, ns) -> int:
+    """--matrix real-heads and/or --e2e-rss: results.json/.md plus plan tables, written as they come."""
+    import json
+
+    from hf_fusedce.bench import report
+    from hf_fusedce.bench.impls import parse_impls
+    from hf_fusedce.bench.real_heads import DEFAULT_IMPLS, cpu_plan_table, cuda_model_table, run_cells
+    from hf_fusedce.bench.runner import BenchConfig, environment, log
+    from hf_fusedce.bench.shapes import REAL_HEADS, real_heads_cells
+
+    out = args.out or os.path.join("model_cards", "benchmarks", device.type, "real-heads")
+    sink = report.ResultSink(out, _command_line(args), environment(device))
+    cfg = BenchConfig(ref=args.ref, seed=args.seed,
+                      deadline=None if args.time_budget is None else time.perf_counter() + args.time_budget)
+    dtypes = [m for m in (args.dtype.split(",") if args.dtype else [])] or None
+    cells = real_heads_cells(shapes, ns, [d.strip() for d in dtypes] if dtypes else None)
+    written = []
+    if args.matrix == "real-heads":
+        with open(os.path.join(out, "plans.md"), "w") as f:
+            f.write(cpu_plan_table(cells) + "\n" + cuda_model_table(shapes or list(REAL_HEADS.values())))
+        written.append(os.path.join(out, "plans.md"))
+        run_cells(cells, impls or parse_impls(",".join(DEFAULT_IMPLS)), device, cfg, sink,
+                  rounds=max(1, args.rounds), explicit=bool(impls))
+    if args.e2e_rss:
+        from hf_fusedce.bench import e2e_rss
+
+        seqs = [int(x) for x in args.e2e_rss.split(",") if x.strip()]
+        recs = e2e_rss.run(seqs, steps=args.e2e_rss_steps, limit_gib=args.e2e_rss_limit_gib or None, seed=args.seed,
+                           log=log)
+        with open(os.path.join(out, "e2e_rss.json"), "w") as f:
+            json.dump({"command": _command_line(args), "environment": environment(device), "records": recs}, f,
+                      indent=1)
+        with open(os.path.join(out, "e2e_rss.md"), "w") as f:
+            f.write(e2e_rss.markdown(recs))
+        written += [os.path.join(out, "e2e_rss.json"), os.path.join(out, "e2e_rss.md")]
+    if args.matrix == "real-heads":
+        written = sink.finish() + written
+    for path in written:
+        print(path)
+    return 0
