@@ -4,8 +4,9 @@ The model: Qwen2.5-0.5B's config (hidden 896, 14 heads, 2 kv heads, intermediate
 embeddings) cut to 2 layers, random init, fp32, one sequence of `seq` tokens, AdamW. Each variant runs in its
 own subprocess (`python -m hf_fusedce.bench.e2e_rss --worker ...`), so stock's out-of-memory cannot kill the
 bench and peak RSS (ru_maxrss of the child) is the variant's alone. The child runs under an address-space limit
-(RLIMIT_AS, --limit-gib) so on a shared machine stock fails with an allocation error at the limit instead of
-waking the kernel's OOM killer; either way the record says "oom" and at which limit.
+(RLIMIT_AS: --limit-gib, lowered to 90% of the RAM available at launch + 2 GiB of never-resident mappings) so
+on a shared machine stock fails with an allocation error at the limit instead of waking the kernel's OOM killer;
+either way the record says "oom", at which limit, and how much RAM was available.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ QWEN25_05B_2L = dict(hidden_size=896, num_hidden_layers=2, num_attention_heads=1
                      intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
                      max_position_embeddings=32768, rope_theta=1000000.0)
 MODEL_NAME = "Qwen2.5-0.5B-shaped, 2 layers, random init, tied V=151936, fp32"
+RAM_SHARE = 0.9  # the child's address-space limit: this share of the RAM available at launch ...
+VSZ_SLACK_GIB = 2.0  # ... plus mappings that are never resident (libraries, thread stacks, MKL arenas)
 
 
 def _worker(variant: str, seq: int, steps: int, seed: int) -> dict:
@@ -55,12 +58,19 @@ def _worker(variant: str, seq: int, steps: int, seed: int) -> dict:
 def run_variant(variant: str, seq: int, steps: int = 1, limit_gib: float | None = 16.0, seed: int = 0,
                 timeout_s: float | None = None) -> dict:
     """One child process; returns the record (status ok / oom / error / timeout)."""
+    from hf_fusedce.memory import available_host_bytes
+
     cmd = [sys.executable, "-m", "hf_fusedce.bench.e2e_rss", "--worker", variant, "--seq", str(seq),
            "--steps", str(steps), "--seed", str(seed)]
+    avail = available_host_bytes()
+    if avail is not None:  # never let the child's memory reach past what is free now: the OOM killer would pick
+        ram_limit = round(RAM_SHARE * avail / 2**30 + VSZ_SLACK_GIB, 1)  # a neighbour, or this bench
+        limit_gib = min(limit_gib, ram_limit) if limit_gib else ram_limit
     if limit_gib:
         cmd += ["--limit-gib", str(limit_gib)]
     rec = {"record": "e2e_rss", "model": MODEL_NAME, "variant": variant, "seq": seq, "steps": steps,
-           "limit_gib": limit_gib, "loadavg_1m_before": round(os.getloadavg()[0], 2)}
+           "limit_gib": limit_gib, "available_ram_gib_at_launch": None if avail is None else round(avail / 2**30, 1),
+           "loadavg_1m_before": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -113,6 +123,7 @@ def _main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-gib", type=float, default=16.0)
+    p.add_argument("--variants", default="patched,stock")
     p.add_argument("--out", default=None, help="folder for e2e_rss.json and e2e_rss.md")
     a = p.parse_args(argv)
     if a.worker:
@@ -123,7 +134,7 @@ def _main(argv=None):
             resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
         print(json.dumps(_worker(a.worker, int(a.seq), a.steps, a.seed)), flush=True)
         return 0
-    recs = run([int(s) for s in a.seq.split(",")], steps=a.steps, limit_gib=a.limit_gib, seed=a.seed,
+    recs = run([int(s) for s in a.seq.split(",")], variants=tuple(a.variants.split(",")), steps=a.steps, limit_gib=a.limit_gib, seed=a.seed,
                log=lambda m: print(m, file=sys.stderr, flush=True))
     if a.out:
         os.makedirs(a.out, exist_ok=True)

@@ -45,6 +45,8 @@ def register(subparsers):
                         "--n, --dtype, --impls narrow it (default out model_cards/benchmarks/cpu/real-heads)")
     p.add_argument("--rounds", type=int, default=2,
                    help="--matrix real-heads: timed rounds after the memory/warm-up round (default 2)")
+    p.add_argument("--gemm-floor", action="store_true",
+                   help="--matrix real-heads: also time the blocked N x D x V GEMM rate (x floor column)")
     p.add_argument("--e2e-rss", default=None, metavar="SEQS",
                    help="one training step of a 2-layer Qwen2.5-0.5B-shaped model (V=151936 tied, fp32) at these "
                         "comma-separated token counts, stock and patched each in a subprocess: peak RSS, step time, "
@@ -276,7 +278,7 @@ def _run_real_heads(args, device, impls, modes, shapes, ns) -> int:
             f.write(cpu_plan_table(cells) + "\n" + cuda_model_table(shapes or list(REAL_HEADS.values())))
         written.append(os.path.join(out, "plans.md"))
         run_cells(cells, impls or parse_impls(",".join(DEFAULT_IMPLS)), device, cfg, sink,
-                  rounds=max(1, args.rounds), explicit=bool(impls))
+                  rounds=max(0, args.rounds), explicit=bool(impls), gemm_floor=args.gemm_floor)
     if args.e2e_rss:
         from hf_fusedce.bench import e2e_rss
 

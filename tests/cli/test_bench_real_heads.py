@@ -64,3 +64,35 @@ def test_softcap_shape_runs_ours_and_stock_with_softcap(tmp_path):
     assert by["ours-torch"]["status"] == by["stock"]["status"] == "ok"
     assert abs(by["ours-torch"]["loss"] - by["stock"]["loss"]) <= 1e-5 * abs(by["stock"]["loss"])
     assert "softcapping" in by["torch-lce"]["status"]
+
+
+def test_e2e_rss_reports_oom_as_such(monkeypatch):
+    import subprocess
+
+    from hf_fusedce.bench import e2e_rss
+
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, -9, "", "Killed")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr("hf_fusedce.memory.available_host_bytes", lambda: 4 << 30)
+    rec = e2e_rss.run_variant("stock", 16384, limit_gib=16.0)
+    assert rec["status"].startswith("oom") and rec["available_ram_gib_at_launch"] == 4.0
+    assert rec["limit_gib"] == round(0.9 * 4 + 2.0, 1) and "--limit-gib" in seen["cmd"]
+    assert "| 16384 | stock | oom" in e2e_rss.markdown([rec])
+
+
+def test_blocked_floor_does_the_same_gemms():
+    import torch
+
+    h = torch.randn(2500, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    grads = []
+    for name in ("floor", "floor-blocked"):
+        h.grad = w.grad = None
+        IMPLS[name].resolve(torch.device("cpu"))(h, w, None).backward()
+        grads.append((h.grad.clone(), w.grad.clone()))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-3)
