@@ -25,6 +25,12 @@ from .spec import RowInputs, LossSpec
 # again. Measured on the CPU, row math of a 512 x 32000 bf16 chunk: whole-chunk buffers 70 ms, fresh buffers per
 # block 74 ms, reused block buffers 20 ms.
 ROW_BLOCK_BYTES = 4 << 20
+# ... but never fewer than ROW_BLOCK_MIN_ROWS rows (V > 32768): each op over a block is one OpenMP parallel
+# region, and at V=151936 a 4 MiB block is 6 rows, ~15 regions per 6 rows. On a loaded CPU every region's barrier
+# waits for descheduled threads: measured (2 cores, load ~5, 2026-12-05) on a 512 x 151936 fp32 chunk, 4 MiB
+# blocks 2020 ms, 32-row (19 MiB) blocks 638 ms, 64 MiB 467 ms; bf16 1024 rows 10.8 s / 4.8 s / 2.6 s.
+# The price: the float32 scratch of a low-precision chunk is up to 2-3 blocks of 32 rows (V=151936: 19 MiB each).
+ROW_BLOCK_MIN_ROWS = 32
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:
@@ -57,7 +63,7 @@ def in_row_blocks(row_fn):
 
     @functools.wraps(row_fn)
     def run(z: torch.Tensor, rows, spec, compute_grad: bool):
-        block = min(z.shape[0], max(1, ROW_BLOCK_BYTES // (4 * max(1, z.shape[1]))))
+        block = min(z.shape[0], max(ROW_BLOCK_MIN_ROWS, ROW_BLOCK_BYTES // (4 * max(1, z.shape[1]))))
         scratch = Scratch(block, z)
         if z.shape[0] <= block:
             return row_fn(z, rows, spec, compute_grad, scratch)

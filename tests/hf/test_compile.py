@@ -79,6 +79,7 @@ def test_fullgraph_compile_with_row_blocks_equals_eager(monkeypatch, dtype):
     ids, labels = proof.batch(stock)
     vocab = stock.config.vocab_size
     monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 3 * vocab * 4)  # 3-row blocks, several per chunk
+    monkeypatch.setattr(torch_impl, "ROW_BLOCK_MIN_ROWS", 1)
     with pytest.warns(UserWarning, match="below"):  # a budget this small is warned about at patch time
         patched = hf_fusedce.patch(stock, backend="torch", chunk_budget_bytes=8 * vocab * dtype.itemsize)
     patched.zero_grad(set_to_none=True)

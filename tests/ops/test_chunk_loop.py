@@ -114,6 +114,7 @@ def test_chunks_are_worked_in_row_blocks_with_the_same_numbers(monkeypatch, dtyp
     monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 10**9)
     whole = _ce_and_token_stats(h, w, t, **kw)
     monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 5 * vocab * 4)
+    monkeypatch.setattr(torch_impl, "ROW_BLOCK_MIN_ROWS", 1)
     with _Float32Widths(vocab) as seen:
         blocked = _ce_and_token_stats(h, w, t, **kw)
     assert seen.rows and max(seen.rows) <= 5, sorted(set(seen.rows))

@@ -296,6 +296,7 @@ def test_row_blocks_give_the_same_numbers_with_one_teacher_gemm_per_chunk(monkey
 
     monkeypatch.setattr(TeacherRows, "teacher_logits", spy)
     monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 3 * V * 4)
+    monkeypatch.setattr(torch_impl, "ROW_BLOCK_MIN_ROWS", 1)
     blocked = run(ours("torch"), case, torch.float32, beta=beta)
     assert gemm_rows and max(gemm_rows) > 3, gemm_rows
     assert torch.equal(whole.loss, blocked.loss)
