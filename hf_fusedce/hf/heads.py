@@ -88,6 +88,15 @@ vibevoice_asr video_llama_3 video_llava vipllava voxtral voxtral_realtime
 _MULTIMODAL_AUX_TYPES = """ernie4_5_vl_moe glm4v_moe glm5_next minimax_m3_vl qwen3_omni_moe_thinker qwen3_vl_moe
 qwen3_5_moe qwen4_exp""".split()
 
+
+
+def _from_release(version: str, newer: HeadSpec, older: HeadSpec) -> HeadSpec:
+    """The entry of a family whose head changed in a transformers release: `newer` from `version` on."""
+    from importlib.metadata import version as installed
+    from packaging.version import Version
+    return newer if Version(installed("transformers")) >= Version(version) else older
+
+
 _MULTIMODAL_HEADS: dict[str, HeadSpec] = {
     **{t: PLAIN for t in _MULTIMODAL_PLAIN_TYPES},
     **{t: HeadSpec(router_aux="text_config.router_aux_loss_coef") for t in _MULTIMODAL_AUX_TYPES},
@@ -95,6 +104,8 @@ _MULTIMODAL_HEADS: dict[str, HeadSpec] = {
     "granite_docling": HeadSpec(logit_div="text_config.logits_scaling"),
     "hyperclovax_vision_v2": HeadSpec(logit_mul="text_config.logits_scaling"),
     "cohere_compass": HeadSpec(logit_mul="logit_scale"),
+    # transformers 5.25 multiplies AyaVision's logits by text_config.logit_scale (5.23 did not)
+    "aya_vision": _from_release("5.25.0", HeadSpec(logit_mul="text_config.logit_scale"), PLAIN),
     **dict.fromkeys(("muse_glimmer", "muse_spark"), HeadSpec(logit_mul="text_config.output_multiplier",
                                                              softcap="text_config.final_logit_softcapping")),
     "mistral_large4": HeadSpec(softcap="final_logit_softcapping"),
@@ -179,11 +190,14 @@ def mapping_entries() -> list[tuple[str, str, str]]:
 @functools.lru_cache(maxsize=1)
 def fused_classes() -> dict[str, tuple[str, str]]:
     """{class name: (model type, loss kind)} of every class of LOSS_MAPPINGS (a class several types map to, e.g.
-    GPT2LMHeadModel for gpt2 and gpt-sw3, keeps its first). Whether images / audio are fused too is decided by
+    GPT2LMHeadModel for gpt2 and gpt-sw3, keeps the first type the table knows). Whether images / audio are fused too is decided by
     the proof (proof.media_proven_types)."""
     classes: dict[str, tuple[str, str]] = {}
     for model_type, name, kind in mapping_entries():
-        classes.setdefault(name, (model_type, kind))
+        # a class several types map to keeps the first type the table knows: transformers 5.25 maps `exaone` to
+        # LlamaForCausalLM ahead of `llama`, which would otherwise hide the class from patch()
+        if name not in classes or (classes[name][0] not in HEADS and model_type in HEADS):
+            classes[name] = (model_type, kind)
     return classes
 
 
