@@ -7,7 +7,7 @@ import torch
 
 from . import torch_impl
 from .autograd import FusedLinearCrossEntropyFn, Plan, check_dw_accumulation
-from .chunking import ENV_BUDGET_MB, default_budget_bytes
+from ..planning.chunking import ENV_BUDGET_MB, default_budget_bytes
 from .spec import LossSpec, RowInputs
 
 BACKENDS = ("auto", "triton", "torch")
@@ -198,7 +198,7 @@ def _default_budget(device, hidden, weight, compute_dtype, dw_accumulation) -> i
     otherwise the per-device default."""
     if device.type != "cuda" or os.environ.get(ENV_BUDGET_MB) or compute_dtype not in (torch.bfloat16, torch.float16):
         return default_budget_bytes(device)
-    from .cost_model import choose_budget
+    from ..planning.cost_model import choose_budget
     n = hidden.numel() // max(1, hidden.shape[-1])
     return choose_budget(n, weight.shape[1], weight.shape[0], compute_dtype, dw_accumulation=dw_accumulation)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import RowInputs
+from ..ce.spec import RowInputs
 
 
 @dataclass(frozen=True)

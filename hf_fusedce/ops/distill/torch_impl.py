@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from . import torch_impl
-from .distill_spec import DistillSpec, TeacherRows
+from ..ce import torch_impl
+from .spec import DistillSpec, TeacherRows
 
 
 def working_bytes_per_logit(spec: DistillSpec, chunk_dtype: torch.dtype) -> int:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .distill_spec import DistillSpec, TeacherRows
+from .spec import DistillSpec, TeacherRows
 
 
 def working_bytes_per_logit(spec: DistillSpec, chunk_dtype: torch.dtype) -> int:

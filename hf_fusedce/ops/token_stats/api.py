@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from . import api
-from .autograd import Plan, check_dw_accumulation, chunked_pass
-from .chunking import default_budget_bytes
-from .token_rows import STAT_COLUMNS, TokenRows, TokenSpec
+from ..ce import api
+from ..ce.autograd import Plan, check_dw_accumulation, chunked_pass
+from ..planning.chunking import default_budget_bytes
+from .torch_impl import STAT_COLUMNS, TokenRows, TokenSpec
 
 TOKEN_OUTPUTS = ("log_probs", *STAT_COLUMNS)
 
@@ -87,13 +87,13 @@ def _row_backend(backend: str, device: torch.device):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and api.triton_available(device) else "torch"
     if backend == "torch":
-        from . import token_rows
-        return token_rows
+        from . import torch_impl
+        return torch_impl
     if not api.triton_available(device):
         raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU) and triton "
                          f"installed; got a tensor on {device}")
-    from . import token_rows_triton
-    return token_rows_triton
+    from . import triton_impl
+    return triton_impl
 
 
 def _rows(ids, stats, scale, grad_entropy) -> TokenRows:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import RowInputs
-from .torch_impl import Scratch, in_row_blocks, transform_
+from ..ce.spec import RowInputs
+from ..ce.torch_impl import Scratch, in_row_blocks, transform_
 
 # Columns of the per-row statistics buffer.
 STAT_COLUMNS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_rows import STAT_COLUMNS, TokenRows, TokenSpec
-from .triton_impl import _block_v, _transform
+from .torch_impl import STAT_COLUMNS, TokenRows, TokenSpec
+from ..ce.triton_impl import _block_v, _transform
 
 
 def working_bytes_per_logit(spec: TokenSpec, chunk_dtype: torch.dtype) -> int:

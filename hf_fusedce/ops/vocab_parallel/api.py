@@ -20,10 +20,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from .api import _check_options, _check_tensors, _denominator, _plan, _row_inputs, _validate_labels_and_count
-from .autograd import FusedLinearCrossEntropyFn, check_dw_accumulation
-from .spec import LossSpec, RowInputs
-from .torch_impl import is_low_precision, to_raw_grad_, transform_, weighted_row_loss
+from ..ce.api import _check_options, _check_tensors, _denominator, _plan, _row_inputs, _validate_labels_and_count
+from ..ce.autograd import FusedLinearCrossEntropyFn, check_dw_accumulation
+from ..ce.spec import LossSpec, RowInputs
+from ..ce.torch_impl import is_low_precision, to_raw_grad_, transform_, weighted_row_loss
 
 
 def vocab_parallel_linear_cross_entropy(
