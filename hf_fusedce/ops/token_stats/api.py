@@ -3,7 +3,7 @@ softmax(transform(hidden @ weight.T + bias)), chunk by chunk, never materializin
 
 What policy-gradient and preference objectives (TRL's fused LM head protocol) read per token. Gradients flow
 through `log_probs` and `entropy`; the other statistics are for metrics and carry none. The chunk loop is the
-cross-entropy op's (autograd.chunked_pass) with a different row function (token_rows.py): the forward stores
+cross-entropy op's (autograd.chunked_pass) with a different row function (torch_impl.py): the forward stores
 nothing but its inputs and the backward recomputes the chunks with the per-token upstream gradients.
 """
 from __future__ import annotations

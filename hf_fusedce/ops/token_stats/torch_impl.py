@@ -1,7 +1,7 @@
 """Per-token statistics of one chunk of logits rows, in plain PyTorch (the `torch` backend's row function).
 
 Plugged into the shared chunk loop (autograd.chunked_pass) in place of the cross-entropy row kernel; it is
-the readable twin of `token_rows_triton`. Per row t with target k, smoothing eps, vocabulary V:
+the readable twin of `triton_impl` here. Per row t with target k, smoothing eps, vocabulary V:
 
     x        = softcap * tanh(scale * z / softcap) / T          (or scale * z / T)
     p        = softmax(x),  q = (1 - eps) onehot(k) + eps / V  (q = onehot(k) without smoothing)

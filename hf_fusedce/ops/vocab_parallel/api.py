@@ -1,7 +1,7 @@
 """Vocabulary-parallel fused linear + cross-entropy: each rank holds rows [vocab_start, vocab_start + V_r) of the
 head weight (tensor parallelism shards the lm_head along the vocabulary) and never sees the others.
 
-The chunk loop of `autograd.py` runs unchanged on the local slice; only the row kernel differs. Per chunk of tokens
+The chunk loop of `ce/autograd.py` runs unchanged on the local slice; only the row kernel differs. Per chunk of tokens
 the statistics a row's loss needs are combined across the group with two small all-reduces (a few floats per
 token): MAX of the row max, then one SUM of [sum of exponentials, target gap, smoothing gap] packed in one tensor.
 From there the gradient of the slice's logits is local, so dW (and db) of the slice is local too. The gradient
