@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .ops.reference import reference_linear_cross_entropy
+from .ops.ce.reference import reference_linear_cross_entropy
 
 __all__ = [
     "Tolerance",
@@ -279,7 +279,7 @@ def triton_backend_status() -> tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return False, f"triton is not importable: {exc}"
-    from .ops.api import triton_available
+    from .ops.ce.api import triton_available
 
     if not triton_available(device_under_test()):
         return False, "no CUDA device and TRITON_INTERPRET is not 1"

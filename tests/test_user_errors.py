@@ -7,7 +7,7 @@ import torch
 
 import hf_fusedce
 from hf_fusedce import fused_linear_cross_entropy
-from hf_fusedce.ops.chunking import ENV_BUDGET_MB
+from hf_fusedce.ops.planning.chunking import ENV_BUDGET_MB
 from hf_fusedce.testing import make_inputs
 
 

@@ -1,4 +1,4 @@
-"""mkdocs hook: links from a docs page to a repository file outside docs/ (`../hf_fusedce/ops/api.py`,
+"""mkdocs hook: links from a docs page to a repository file outside docs/ (`../hf_fusedce/ops/ce/api.py`,
 `../model_cards/llama.md`) must name a file that exists, or the build fails (mkdocs itself checks only the links
 that stay inside docs/). Such a link is rewritten for the site to the file in the repository browser
 (`repo_url` + /blob/main/), or, while mkdocs.yml sets no `repo_url`, to a site-absolute path (what a local

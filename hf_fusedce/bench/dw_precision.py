@@ -22,8 +22,8 @@ import platform
 
 import torch
 
-from hf_fusedce.ops import autograd, torch_impl
-from hf_fusedce.ops.spec import LossSpec, RowInputs
+from hf_fusedce.ops.ce import autograd, torch_impl
+from hf_fusedce.ops.ce.spec import LossSpec, RowInputs
 from hf_fusedce.testing import rel_err
 
 CHUNKS = (4, 8, 16, 21, 64)

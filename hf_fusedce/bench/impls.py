@@ -55,7 +55,7 @@ def _needs_cuda(device, what):
 def _ours(backend: str):
     def resolve(device):
         from hf_fusedce.ops import fused_linear_cross_entropy
-        from hf_fusedce.ops.api import triton_available
+        from hf_fusedce.ops.ce.api import triton_available
 
         if backend == "triton" and not triton_available(device):
             return "skipped: triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)"
@@ -70,7 +70,7 @@ def _ours(backend: str):
 
 def _ours_strategy(backend: str):
     def describe(device) -> str:
-        from hf_fusedce.ops.chunking import ENV_BUDGET_MB, default_budget_bytes
+        from hf_fusedce.ops.planning.chunking import ENV_BUDGET_MB, default_budget_bytes
 
         src = f"env {ENV_BUDGET_MB}" if os.environ.get(ENV_BUDGET_MB) else "default"
         if device.type == "cuda" and src == "default":

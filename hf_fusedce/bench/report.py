@@ -122,7 +122,7 @@ def markdown_table(rows: pd.DataFrame, columns) -> str:
 
 def _rates_and_model(rs: pd.DataFrame, d: int, v: int) -> str:
     """The measured GEMM rate per N, and the roofline model's bf16 H100 / A100 time of ours at each N."""
-    from hf_fusedce.ops import cost_model
+    from hf_fusedce.ops.planning import cost_model
 
     rates = rs.reindex(columns=["N", "gemm_tflops"]).groupby("N")["gemm_tflops"].first()  # first measured
     out = []
@@ -152,7 +152,7 @@ def write_markdown(doc: dict, out_dir: str) -> str:
         "x floor: time over 6*N*D*V FLOPs at the best rate of the N x D x V GEMM (timed in row blocks of 256, "
         "1024 and in one piece) measured in the same run (the floor "
         "of any exact head); x 3-GEMM: time over the three bare, unchunked GEMMs' time. TFLOP/s counts 6*N*D*V. "
-        "Roofline lines are a model (hf_fusedce/ops/cost_model.py), never run on a GPU. "
+        "Roofline lines are a model (hf_fusedce/ops/planning/cost_model.py), never run on a GPU. "
         f"Memory: peak allocated above the inputs (hidden, weight, targets); '{MEMORY_LABEL}' subtracts the "
         "hidden and weight gradients every implementation returns. Errors: max|x - ref| / max|ref| against a "
         "float64 chunked reference on the same inputs (blank where not computed)."]

@@ -92,9 +92,9 @@ def _dh_reduction(case: Case, n_chunks: int, repeats: int) -> dict:
 def _rank_main(rank: int, world: int, port: int, case: Case, out_dir: str):
     from hf_fusedce.memory import measure_peak
     from hf_fusedce.ops import fused_linear_cross_entropy
-    from hf_fusedce.ops.chunking import default_budget_bytes, rows_per_chunk
-    from hf_fusedce.ops.torch_impl import working_bytes_per_logit
-    from hf_fusedce.ops.spec import LossSpec
+    from hf_fusedce.ops.planning.chunking import default_budget_bytes, rows_per_chunk
+    from hf_fusedce.ops.ce.torch_impl import working_bytes_per_logit
+    from hf_fusedce.ops.ce.spec import LossSpec
     from hf_fusedce.ops.vocab_parallel import shard_range, vocab_parallel_linear_cross_entropy
 
     torch.set_num_threads(case.threads)

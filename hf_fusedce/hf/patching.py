@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from ..ops.autograd import check_dw_accumulation
-from ..ops.chunking import check_budget
+from ..ops.ce.autograd import check_dw_accumulation
+from ..ops.planning.chunking import check_budget
 from . import encoder_heads, gather
 from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, LOSS_MAPPINGS, PLAIN, REFUSED, HeadSpec, fused_classes, model_type_of

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from ..hf.tensor_parallel import is_vocab_sharded
-from ..ops.distill_api import distillation_loss_and_entropy
+from ..ops.distill.api import distillation_loss_and_entropy
 from .imports import after_import
 
 # "hooked": activate() ran; "compute_loss" / "loss": TRL's DistillationTrainer._compute_loss and its

@@ -73,7 +73,7 @@ def test_fullgraph_compile_with_row_blocks_equals_eager(monkeypatch, dtype):
     """The row function's block loop and reused buffers (softmax into a scratch slice) trace without a graph
     break, so does a chunk budget below the sane minimum (its warning is given at patch time, not traced), and
     the compiled fused head gives the eager fused head's loss and gradients."""
-    from hf_fusedce.ops import torch_impl
+    from hf_fusedce.ops.ce import torch_impl
 
     stock = _one_layer("llama").to(dtype).train()
     ids, labels = proof.batch(stock)

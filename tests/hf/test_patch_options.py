@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hf_fusedce
-from hf_fusedce.ops import autograd
+from hf_fusedce.ops.ce import autograd
 
 
 @pytest.mark.parametrize("policy", ["auto", "fp32", "native"])

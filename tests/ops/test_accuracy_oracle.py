@@ -11,7 +11,7 @@ import torch
 
 from hf_fusedce import fused_linear_distillation
 from hf_fusedce.ops import reference_linear_distillation
-from hf_fusedce.ops.distill_spec import TeacherRows
+from hf_fusedce.ops.distill.spec import TeacherRows
 from hf_fusedce.testing import accuracy_bound, assert_as_accurate_as_materialized, rel_err
 
 V, ROWS, BUDGET = 32000, 8, 3 * 32000 * 40  # a few rows per chunk: several chunks

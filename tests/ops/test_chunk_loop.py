@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_fusedce import fused_linear_cross_entropy
-from hf_fusedce.ops import autograd
-from hf_fusedce.ops.chunking import ROW_MULTIPLE, rows_per_chunk
+from hf_fusedce.ops.ce import autograd
+from hf_fusedce.ops.planning.chunking import ROW_MULTIPLE, rows_per_chunk
 from hf_fusedce.testing import rel_err
 
 
@@ -106,7 +106,7 @@ def _ce_and_token_stats(h, w, t, **kw):
 def test_chunks_are_worked_in_row_blocks_with_the_same_numbers(monkeypatch, dtype, options):
     """A chunk's float32 work happens 5 rows at a time, never on the whole chunk, and gives the same loss and
     gradients bit for bit as one call on the whole chunk (rows are independent)."""
-    from hf_fusedce.ops import torch_impl
+    from hf_fusedce.ops.ce import torch_impl
     from hf_fusedce.testing import make_inputs
     vocab = 97
     h, w, t = make_inputs(203, vocab, 24, dtype, seed=3, ignore_ratio=0.2, scale=4.0)
@@ -123,8 +123,9 @@ def test_chunks_are_worked_in_row_blocks_with_the_same_numbers(monkeypatch, dtyp
 
 
 def test_the_budget_pays_the_chunk_only():
-    from hf_fusedce.ops import token_rows, torch_impl
-    from hf_fusedce.ops.spec import LossSpec
+    from hf_fusedce.ops.ce import torch_impl
+    from hf_fusedce.ops.ce.spec import LossSpec
+    from hf_fusedce.ops.token_stats import torch_impl as token_rows
     assert torch_impl.working_bytes_per_logit(LossSpec(softcap=30.0), torch.bfloat16) == 2
     assert torch_impl.working_bytes_per_logit(LossSpec(softcap=30.0), torch.float32) == 4
     assert token_rows.working_bytes_per_logit(token_rows.TokenSpec(), torch.float16) == 2

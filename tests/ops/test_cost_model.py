@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_fusedce.ops import cost_model as cm
+from hf_fusedce.ops.planning import cost_model as cm
 
 BF16 = torch.bfloat16
 GiB, MB = 1 << 30, 10**6

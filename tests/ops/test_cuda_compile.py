@@ -1,6 +1,6 @@
 """The Triton row kernel compiles for sm_80 and sm_90 on this CPU-only machine (no GPU, no CUDA driver): every
 variant the op can launch, with no register spill and no local memory, and the one-hot gradient path within
-1 KiB of shared memory on sm_90. Runs hf_fusedce.ops.cuda_aot in a subprocess because conftest.py turns on
+1 KiB of shared memory on sm_90. Runs hf_fusedce.ops.cuda.aot in a subprocess because conftest.py turns on
 the Triton interpreter for this process, and the interpreter compiles nothing."""
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "hf_fusedce.ops.cuda_aot", "--arch", "80", "90", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "hf_fusedce.ops.cuda.aot", "--arch", "80", "90", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=3600)  # ~1 min of CPU; loaded boxes are slower
     print(proc.stdout)  # the registers / smem table (pytest -s, or the failure report)
-    assert out.exists(), f"cuda_aot crashed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert out.exists(), f"ops.cuda.aot crashed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     data = json.loads(out.read_text())
     data["returncode"], data["stderr"] = proc.returncode, proc.stderr
     return data

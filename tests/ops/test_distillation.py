@@ -240,7 +240,7 @@ def test_identical_models_give_zero_divergence_and_gradient(backend):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_entropy_sum_from_the_same_pass(backend, beta):
     """distillation_loss_and_entropy: the loss of the op and sum over counted tokens of H(softmax(z_s / T))."""
-    from hf_fusedce.ops.distill_api import distillation_loss_and_entropy
+    from hf_fusedce.ops.distill.api import distillation_loss_and_entropy
 
     (hs, ws), (ht, wt, _), targets, _, _ = make_case({})
     args = [t.to(DEVICE) for t in (hs, ws, ht, wt)] + [targets.to(DEVICE)]
@@ -281,8 +281,8 @@ def large_vocabulary_loss_and_dh(fn, dtype, hs, ws, ht, wt, beta):
 def test_row_blocks_give_the_same_numbers_with_one_teacher_gemm_per_chunk(monkeypatch, beta, name):
     """The torch row function works in 3-row blocks here: the same loss and gradients bit for bit as whole
     chunks, and the teacher's logits still come from one GEMM per chunk, not one per block."""
-    from hf_fusedce.ops import torch_impl
-    from hf_fusedce.ops.distill_spec import TeacherRows
+    from hf_fusedce.ops.ce import torch_impl
+    from hf_fusedce.ops.distill.spec import TeacherRows
 
     case = make_case(OPTIONS[name])
     monkeypatch.setattr(torch_impl, "ROW_BLOCK_BYTES", 10**9)

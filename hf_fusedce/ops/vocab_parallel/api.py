@@ -1,7 +1,7 @@
 """Vocabulary-parallel fused linear + cross-entropy: each rank holds rows [vocab_start, vocab_start + V_r) of the
 head weight (tensor parallelism shards the lm_head along the vocabulary) and never sees the others.
 
-The chunk loop of `autograd.py` runs unchanged on the local slice; only the row kernel differs. Per chunk of tokens
+The chunk loop of `ce/autograd.py` runs unchanged on the local slice; only the row kernel differs. Per chunk of tokens
 the statistics a row's loss needs are combined across the group with two small all-reduces (a few floats per
 token): MAX of the row max, then one SUM of [sum of exponentials, target gap, smoothing gap] packed in one tensor.
 From there the gradient of the slice's logits is local, so dW (and db) of the slice is local too. The gradient
@@ -20,10 +20,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from .api import _check_options, _check_tensors, _denominator, _plan, _row_inputs, _validate_labels_and_count
-from .autograd import FusedLinearCrossEntropyFn, check_dw_accumulation
-from .spec import LossSpec, RowInputs
-from .torch_impl import is_low_precision, to_raw_grad_, transform_, weighted_row_loss
+from ..ce.api import _check_options, _check_tensors, _denominator, _plan, _row_inputs, _validate_labels_and_count
+from ..ce.autograd import FusedLinearCrossEntropyFn, check_dw_accumulation
+from ..ce.spec import LossSpec, RowInputs
+from ..ce.torch_impl import is_low_precision, to_raw_grad_, transform_, weighted_row_loss
 
 
 def vocab_parallel_linear_cross_entropy(

@@ -3,17 +3,17 @@ softmax(transform(hidden @ weight.T + bias)), chunk by chunk, never materializin
 
 What policy-gradient and preference objectives (TRL's fused LM head protocol) read per token. Gradients flow
 through `log_probs` and `entropy`; the other statistics are for metrics and carry none. The chunk loop is the
-cross-entropy op's (autograd.chunked_pass) with a different row function (token_rows.py): the forward stores
+cross-entropy op's (autograd.chunked_pass) with a different row function (torch_impl.py): the forward stores
 nothing but its inputs and the backward recomputes the chunks with the per-token upstream gradients.
 """
 from __future__ import annotations
 
 import torch
 
-from . import api
-from .autograd import Plan, check_dw_accumulation, chunked_pass
-from .chunking import default_budget_bytes
-from .token_rows import STAT_COLUMNS, TokenRows, TokenSpec
+from ..ce import api
+from ..ce.autograd import Plan, check_dw_accumulation, chunked_pass
+from ..planning.chunking import default_budget_bytes
+from .torch_impl import STAT_COLUMNS, TokenRows, TokenSpec
 
 TOKEN_OUTPUTS = ("log_probs", *STAT_COLUMNS)
 
@@ -87,13 +87,13 @@ def _row_backend(backend: str, device: torch.device):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and api.triton_available(device) else "torch"
     if backend == "torch":
-        from . import token_rows
-        return token_rows
+        from . import torch_impl
+        return torch_impl
     if not api.triton_available(device):
         raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU) and triton "
                          f"installed; got a tensor on {device}")
-    from . import token_rows_triton
-    return token_rows_triton
+    from . import triton_impl
+    return triton_impl
 
 
 def _rows(ids, stats, scale, grad_entropy) -> TokenRows:

@@ -1,7 +1,7 @@
 """Per-token statistics of one chunk of logits rows, in plain PyTorch (the `torch` backend's row function).
 
 Plugged into the shared chunk loop (autograd.chunked_pass) in place of the cross-entropy row kernel; it is
-the readable twin of `token_rows_triton`. Per row t with target k, smoothing eps, vocabulary V:
+the readable twin of `triton_impl` here. Per row t with target k, smoothing eps, vocabulary V:
 
     x        = softcap * tanh(scale * z / softcap) / T          (or scale * z / T)
     p        = softmax(x),  q = (1 - eps) onehot(k) + eps / V  (q = onehot(k) without smoothing)
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import RowInputs
-from .torch_impl import Scratch, in_row_blocks, transform_
+from ..ce.spec import RowInputs
+from ..ce.torch_impl import Scratch, in_row_blocks, transform_
 
 # Columns of the per-row statistics buffer.
 STAT_COLUMNS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")

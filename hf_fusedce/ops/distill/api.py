@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from . import api, distill_torch
-from .autograd import FusedLinearCrossEntropyFn, Plan
-from .chunking import default_budget_bytes
-from .distill_spec import DistillSpec, TeacherRows
+from ..ce import api
+from . import torch_impl
+from ..ce.autograd import FusedLinearCrossEntropyFn, Plan
+from ..planning.chunking import default_budget_bytes
+from .spec import DistillSpec, TeacherRows
 
 
 def fused_linear_distillation(
@@ -104,7 +105,7 @@ def _check_options(spec: DistillSpec, backend, num_items_in_batch):
 
 def _label_spec(spec: DistillSpec):
     """The CE op's LossSpec for the parts shared with it (ignore_index, reduction)."""
-    from .spec import LossSpec
+    from ..ce.spec import LossSpec
 
     return LossSpec(spec.ignore_index, spec.reduction)
 
@@ -160,7 +161,7 @@ def _plan(spec, backend, hidden, weight, budget) -> Plan:
 
 def _resolve_backend(backend, device):
     if api._resolve_backend(backend, device).__name__.endswith("triton_impl"):
-        from . import distill_triton
+        from . import triton_impl
 
-        return distill_triton
-    return distill_torch
+        return triton_impl
+    return torch_impl

@@ -1,5 +1,5 @@
 """Distillation loss and dL/dz_student for one chunk of logits rows, in plain PyTorch (the `torch` backend,
-and the readable twin of distill_triton.distill_rows).
+and the readable twin of triton_impl.distill_rows).
 
 Per row, with s = z_s / T, t = z_t / T, log p = log_softmax, counted-token weight w and upstream factor c:
     beta = 0:  L = KL(p_t || p_s) = sum p_t (log p_t - log p_s)         dL/ds = p_s - p_t
@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from . import torch_impl
-from .distill_spec import DistillSpec, TeacherRows
+from ..ce import torch_impl
+from .spec import DistillSpec, TeacherRows
 
 
 def working_bytes_per_logit(spec: DistillSpec, chunk_dtype: torch.dtype) -> int:

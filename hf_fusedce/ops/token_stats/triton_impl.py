@@ -1,4 +1,4 @@
-"""The `triton` backend's per-token row kernel: the twin of token_rows.token_rows (same math, see there).
+"""The `triton` backend's per-token row kernel: the twin of torch_impl.token_rows (same math, see there).
 
 One program per row reads the chunk twice: pass 1 folds it into online statistics relative to the running
 max m (S = sum e, T = sum e (x - m), Q = sum e^2, with e = exp(x - m)), the sum of x, the target's logit and
@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_rows import STAT_COLUMNS, TokenRows, TokenSpec
-from .triton_impl import _block_v, _transform
+from .torch_impl import STAT_COLUMNS, TokenRows, TokenSpec
+from ..ce.triton_impl import _block_v, _transform
 
 
 def working_bytes_per_logit(spec: TokenSpec, chunk_dtype: torch.dtype) -> int:
@@ -83,7 +83,7 @@ def _token_rows_kernel(
 
 
 def token_rows(z: torch.Tensor, rows: TokenRows, spec: TokenSpec, compute_grad: bool) -> torch.Tensor:
-    """Same contract as token_rows.token_rows: -log_prob per row; rows.stats filled; z overwritten by dL/dz."""
+    """Same contract as torch_impl.token_rows: -log_prob per row; rows.stats filled; z overwritten by dL/dz."""
     n, vocab = z.shape
     assert z.stride(1) == 1, "logits chunk must be row-major (GEMM output)"
     loss = torch.empty(n, dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)

@@ -7,7 +7,7 @@ import torch
 
 from . import torch_impl
 from .autograd import FusedLinearCrossEntropyFn, Plan, check_dw_accumulation
-from .chunking import ENV_BUDGET_MB, default_budget_bytes
+from ..planning.chunking import ENV_BUDGET_MB, default_budget_bytes
 from .spec import LossSpec, RowInputs
 
 BACKENDS = ("auto", "triton", "torch")
@@ -44,7 +44,7 @@ def fused_linear_cross_entropy(
     token's loss (the mean still divides by the count of non-ignored tokens). Soft targets: ``targets`` of
     shape (..., k) holding class ids and ``target_probs`` (..., k) their probabilities. ``z_loss`` adds
     z_loss * logsumexp(z)^2 per non-ignored token. ``chunk_budget_bytes`` bounds the logits working set
-    (default: picked per shape, CPU <= 512 MiB (ops/cpu_plan.py), CUDA by ops/cost_model.py; env
+    (default: picked per shape, CPU <= 512 MiB (ops/planning/cpu_plan.py), CUDA by ops/planning/cost_model.py; env
     HF_FUSEDCE_CHUNK_BUDGET_MB). ``dw_accumulation`` ("auto" | "fp32" | "native")
     sets how a bf16/fp16 weight's gradient accumulates over chunks (README, "GPU status"). The loss is float32.
     """
@@ -195,17 +195,17 @@ def _plan(spec, backend, hidden, weight, budget, dw_accumulation="auto") -> Plan
 
 
 def _default_budget(device, hidden, weight, compute_dtype, dw_accumulation) -> int:
-    """No env override: CUDA low precision, the roofline model's pick for this shape (ops/cost_model.py); CPU,
-    the pick of the CPU cost model (ops/cpu_plan.py); otherwise the per-device default."""
+    """No env override: CUDA low precision, the roofline model's pick for this shape (ops/planning/cost_model.py);
+    CPU, the pick of the CPU cost model (ops/planning/cpu_plan.py); otherwise the per-device default."""
     n = hidden.numel() // max(1, hidden.shape[-1])
     if os.environ.get(ENV_BUDGET_MB):
         return default_budget_bytes(device)
     if device.type == "cpu" and compute_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        from .cpu_plan import default_budget
+        from ..planning.cpu_plan import default_budget
         return default_budget(n, weight.shape[1], weight.shape[0], compute_dtype, dw_accumulation)
     if device.type != "cuda" or compute_dtype not in (torch.bfloat16, torch.float16):
         return default_budget_bytes(device)
-    from .cost_model import choose_budget
+    from ..planning.cost_model import choose_budget
     return choose_budget(n, weight.shape[1], weight.shape[0], compute_dtype, dw_accumulation=dw_accumulation)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .chunking import rows_per_chunk
+from ..planning.chunking import rows_per_chunk
 from .spec import LossSpec, RowInputs
 
 

@@ -10,7 +10,7 @@ Each cubin is read with cuobjdump (registers, local memory, stack, static shared
 with ptxas -v (spill bytes); Triton's dynamic shared memory is in the kernel's metadata. A deliberately spilling
 probe kernel goes through the same path, so a checker that stopped seeing spills would be noticed.
 
-    python -m hf_fusedce.ops.cuda_aot --arch 80 90 [--json out.json]     (TRITON_INTERPRET must be unset)
+    python -m hf_fusedce.ops.cuda.aot --arch 80 90 [--json out.json]     (TRITON_INTERPRET must be unset)
 Exit status 1 on any compile error, register spill or local-memory use in the op's kernels.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-from . import api
-from .api import fused_linear_cross_entropy
+from ..ce import api
+from ..ce.api import fused_linear_cross_entropy
 
 ARCHS = (80, 90)
 K1_GRAD_SMEM_LIMIT = 1024  # bytes: the one-hot gradient path must not round-trip through shared memory
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     print(summary)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(f"# Row kernel compiled for CUDA without a GPU\n\n`python -m hf_fusedce.ops.cuda_aot "
+            f.write(f"# Row kernel compiled for CUDA without a GPU\n\n`python -m hf_fusedce.ops.cuda.aot "
                     f"--arch {' '.join(map(str, args.arch))}`; {summary}. smem: Triton's shared memory; static: "
                     f"the cubin's static section. CTA/SM: limited by registers only.\n\n```\n"
                     f"{format_table(usages + probes)}\n```\n")

@@ -1,6 +1,6 @@
 """Plain data for the distillation op: its options, and the per-row inputs that carry the teacher.
 
-The CE chunk loop (autograd.py) only ever calls `rows.select(index)` and sets `rows.scale`, so the teacher rides
+The CE chunk loop (ce/autograd.py) only ever calls `rows.select(index)` and sets `rows.scale`, so the teacher rides
 along as extra per-row inputs: each chunk's teacher logits are computed by the row function from the selected
 teacher hidden rows, and the loop itself needs no change.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import RowInputs
+from ..ce.spec import RowInputs
 
 
 @dataclass(frozen=True)

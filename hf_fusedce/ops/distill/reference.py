@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import reduce_per_token
+from ..ce.reference import reduce_per_token
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The `triton` backend's distillation row kernel (math identical to distill_torch.distill_rows).
+"""The `triton` backend's distillation row kernel (math identical to torch_impl.distill_rows).
 
 The chunk's GEMMs (student logits, teacher logits, dh, dW) run in cuBLAS; this kernel is the only other pass over
 the chunk. One program per row, two online logsumexps (student and teacher at temperature T, plus the student at
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .distill_spec import DistillSpec, TeacherRows
+from .spec import DistillSpec, TeacherRows
 
 
 def working_bytes_per_logit(spec: DistillSpec, chunk_dtype: torch.dtype) -> int:
@@ -150,7 +150,7 @@ def _block_v(vocab: int) -> int:
 
 
 def distill_rows(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool):
-    """Same contract as distill_torch.distill_rows: loss_rows; z overwritten by the gradient."""
+    """Same contract as torch_impl.distill_rows: loss_rows; z overwritten by the gradient."""
     n, vocab = z.shape
     assert z.stride(1) == 1, "logits chunk must be row-major (GEMM output)"
     loss = torch.empty(n, dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)

@@ -62,7 +62,7 @@ def _ce_rows_kernel(
     # Pass 1: online max and sum of exponentials, rescaled once per block (one exp per logit). PREFETCH: the next
     # block is loaded before this one is reduced, two blocks of loads in flight per warp. Only for rows aligned to
     # 16 elements (vectorized loads): unaligned rows load element by element, and holding two blocks of those
-    # spilled registers on sm_90 (see cuda_aot).
+    # spilled registers on sm_90 (see ops/cuda/aot.py).
     m = tl.full((), float("-inf"), tl.float32)
     sum_exp = tl.zeros((), tl.float32)
     x_sum = tl.zeros((), tl.float32)
