@@ -76,7 +76,7 @@ def _ours_strategy(backend: str):
         if device.type == "cuda" and src == "default":
             return f"chunked, grads in forward, backend={backend}, chunk budget: roofline pick per shape"
         if device.type == "cpu" and src == "default":
-            from hf_fusedce.ops.cpu_plan import plan_mode
+            from hf_fusedce.ops.planning.cpu_plan import plan_mode
 
             return (f"chunked, grads in forward, backend={backend}, chunk budget: CPU cost-model pick per shape "
                     f"(ops/cpu_plan.py, {plan_mode()})")

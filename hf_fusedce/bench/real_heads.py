@@ -152,7 +152,7 @@ CUDA_NS = (4096, 8192, 16384, 65536)
 def cuda_model_table(shapes, ns=CUDA_NS, policies=("auto", "native")) -> str:
     """Markdown: the CUDA roofline model's default budget (ops/cost_model.choose_budget) at each real head, bf16,
     and its modelled H100 / A100 time over the floor and overhead. Arithmetic, never run on a GPU."""
-    from hf_fusedce.ops import cost_model as cm
+    from hf_fusedce.ops.planning import cost_model as cm
 
     lines = ["### CUDA cost model picks at the real heads (bf16; a model, never run on a GPU)", "",
              f"Peak rates assumed: H100 {cm.H100.flops / 1e12:.0f} TFLOP/s, {cm.H100.hbm / 1e12:.2f} TB/s; "
@@ -175,7 +175,7 @@ def cuda_model_table(shapes, ns=CUDA_NS, policies=("auto", "native")) -> str:
 
 def cpu_plan_table(cells) -> str:
     """Markdown: the CPU plan (ops/cpu_plan.py, stored profile) for each cell, vs the old fixed 32 MiB."""
-    from hf_fusedce.ops import cpu_plan as cp
+    from hf_fusedce.ops.planning import cpu_plan as cp
 
     lines = ["### CPU plan per cell (ops/cpu_plan.py; modelled with the stored profile, the measured machine "
              "may pick differently)", "",

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_fusedce.ops import api, cpu_plan as cp
+from hf_fusedce.ops.ce import api
+from hf_fusedce.ops.planning import cpu_plan as cp
 from hf_fusedce.ops import fused_linear_cross_entropy
-from hf_fusedce.ops.chunking import ENV_BUDGET_MB
+from hf_fusedce.ops.planning.chunking import ENV_BUDGET_MB
 
 MiB = 1 << 20
 F32, BF16 = torch.float32, torch.bfloat16

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .autograd import dw_accumulator_dtype
+from ..ce.autograd import dw_accumulator_dtype
 from .chunking import rows_per_chunk
 
 _MiB = 1 << 20
