@@ -79,7 +79,7 @@ def _ours_strategy(backend: str):
             from hf_fusedce.ops.planning.cpu_plan import plan_mode
 
             return (f"chunked, grads in forward, backend={backend}, chunk budget: CPU cost-model pick per shape "
-                    f"(ops/cpu_plan.py, {plan_mode()})")
+                    f"(ops/planning/cpu_plan.py, {plan_mode()})")
         return (f"chunked, grads in forward, backend={backend}, "
                 f"chunk budget {default_budget_bytes(device) / 2**20:g} MiB ({src})")
 

@@ -150,7 +150,7 @@ CUDA_NS = (4096, 8192, 16384, 65536)
 
 
 def cuda_model_table(shapes, ns=CUDA_NS, policies=("auto", "native")) -> str:
-    """Markdown: the CUDA roofline model's default budget (ops/cost_model.choose_budget) at each real head, bf16,
+    """Markdown: the CUDA roofline model's default budget (ops/planning/cost_model.choose_budget) at each real head, bf16,
     and its modelled H100 / A100 time over the floor and overhead. Arithmetic, never run on a GPU."""
     from hf_fusedce.ops.planning import cost_model as cm
 
@@ -174,10 +174,10 @@ def cuda_model_table(shapes, ns=CUDA_NS, policies=("auto", "native")) -> str:
 
 
 def cpu_plan_table(cells) -> str:
-    """Markdown: the CPU plan (ops/cpu_plan.py, stored profile) for each cell, vs the old fixed 32 MiB."""
+    """Markdown: the CPU plan (ops/planning/cpu_plan.py, stored profile) for each cell, vs the old fixed 32 MiB."""
     from hf_fusedce.ops.planning import cpu_plan as cp
 
-    lines = ["### CPU plan per cell (ops/cpu_plan.py; modelled with the stored profile, the measured machine "
+    lines = ["### CPU plan per cell (ops/planning/cpu_plan.py; modelled with the stored profile, the measured machine "
              "may pick differently)", "",
              "| head | dtype | N | budget MiB | chunks x rows | dW acc | chunk MiB | model x floor | "
              "old 32 MiB: rows, model x floor |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]

@@ -1,4 +1,4 @@
-"""The CPU chunk plan's decisions (ops/cpu_plan.py): rows per chunk, the memory bound, who wins. No timings."""
+"""The CPU chunk plan's decisions (ops/planning/cpu_plan.py): rows per chunk, the memory bound, who wins. No timings."""
 from __future__ import annotations
 
 import pytest
