@@ -173,6 +173,10 @@ def changed_code(model, model_type: str) -> list[str] | None:
     return sorted(k for k in now.keys() | was.keys() if now.get(k) != was.get(k))
 
 
+class ProofOutdatedWarning(UserWarning):
+    """The installed transformers changed the code a family was proven on (filterable on its own)."""
+
+
 def warn_if_changed(model, model_type: str, stacklevel: int = 3) -> None:
     """Warn once per family when its forward / loss code is not the code it was proven on."""
     if model_type in _WARNED:
@@ -186,4 +190,4 @@ def warn_if_changed(model, model_type: str, stacklevel: int = 3) -> None:
     warnings.warn(f"hf_fusedce: model_type {model_type!r} was proven equal to stock on transformers "
                   f"{rec.get('transformers')}, and the installed transformers {transformers.__version__} changed "
                   f"its code ({', '.join(changed)}). Re-prove it in seconds with `hf-fusedce check --model-type "
-                  f"{model_type}` (this warning then stops).", stacklevel=stacklevel)
+                  f"{model_type}` (this warning then stops).", ProofOutdatedWarning, stacklevel=stacklevel)
