@@ -280,7 +280,7 @@ def _run_real_heads(args, device, impls, modes, shapes, ns) -> int:
         run_cells(cells, impls or parse_impls(",".join(DEFAULT_IMPLS)), device, cfg, sink,
                   rounds=max(0, args.rounds), explicit=bool(impls), gemm_floor=args.gemm_floor)
     if args.e2e_rss:
-        from hf_fusedce.bench import e2e_rss
+        from hf_fusedce.bench.e2e import rss as e2e_rss
 
         seqs = [int(x) for x in args.e2e_rss.split(",") if x.strip()]
         recs = e2e_rss.run(seqs, steps=args.e2e_rss_steps, limit_gib=args.e2e_rss_limit_gib or None, seed=args.seed,

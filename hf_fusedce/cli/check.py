@@ -39,7 +39,7 @@ def _remember(results) -> None:
 
 
 def _encoder(args) -> list:
-    from hf_fusedce.hf import encoder_heads, encoder_proof
+    from hf_fusedce.hf.encoder import heads as encoder_heads, proof as encoder_proof
     types = sorted(encoder_heads.mapping(args.kind)) if args.all else args.model_type
     results = []
     for model_type in types:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import fused_linear_cross_entropy
-from . import adapters, encoder_heads, gather, tensor_parallel
+from . import adapters, gather, tensor_parallel
+from .encoder import heads as encoder_heads
 from .heads import HeadSpec, model_type_of, resolve
 from .recorded import media_proven_types
 

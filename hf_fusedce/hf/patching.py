@@ -19,7 +19,8 @@ import torch
 
 from ..ops.ce.autograd import check_dw_accumulation
 from ..ops.planning.chunking import check_budget
-from . import encoder_heads, gather
+from . import gather
+from .encoder import heads as encoder_heads
 from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, LOSS_MAPPINGS, PLAIN, REFUSED, HeadSpec, fused_classes, model_type_of
 from .recorded import recorded_result, status_text, warn_if_changed
@@ -33,7 +34,7 @@ def supported_model_types(status: bool = False, kind: str = "causal_lm") -> list
     """Model types whose head the table describes (proven by hf_fusedce.hf.proof). status=True: {model type:
     its recorded proof status}, e.g. "proven exact on an image batch", "proven on text only (reason)"; the
     refused types of the installed transformers are included with their reason. kind "seq2seq",
-    "speech_seq2seq" or "masked_lm": the types of that auto mapping (hf.encoder_heads, hf.encoder_proof)."""
+    "speech_seq2seq" or "masked_lm": the types of that auto mapping (hf.encoder.heads, hf.encoder.proof)."""
     if kind != "causal_lm":
         return encoder_heads.supported(kind, status)
     if not status:

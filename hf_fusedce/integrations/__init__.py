@@ -12,7 +12,8 @@ import warnings
 import torch
 
 from ..hf import patching
-from . import liger, trl, trl_distillation
+from . import liger, trl
+from .trl import distillation as trl_distillation
 
 _WARNED = "_hf_fusedce_displaced_warned"
 

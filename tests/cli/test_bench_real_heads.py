@@ -69,7 +69,7 @@ def test_softcap_shape_runs_ours_and_stock_with_softcap(tmp_path):
 def test_e2e_rss_reports_oom_as_such(monkeypatch):
     import subprocess
 
-    from hf_fusedce.bench import e2e_rss
+    from hf_fusedce.bench.e2e import rss as e2e_rss
 
     seen = {}
 

@@ -45,7 +45,7 @@ NOT_CAUSAL = {  # pretraining heads whose loss adds another term (next-sentence,
 @pytest.mark.parametrize("name", NOT_CAUSAL)
 def test_a_class_whose_loss_is_not_the_causal_lm_loss_is_refused(name):
     """BertForPreTraining shares model_type "bert" with the causal BertLMHeadModel: the class decides (the
-    masked-LM classes are hf.encoder_heads', tests/hf/test_encoder_heads.py)."""
+    masked-LM classes are hf.encoder.heads', tests/hf/test_encoder_heads.py)."""
     build, causal_sibling = NOT_CAUSAL[name]
     model = build()
     why = f"refusing to patch {name}.*{causal_sibling}.*AutoModelForCausalLM" if causal_sibling else "no output embed"

@@ -1,7 +1,7 @@
-"""Encoder-decoder and masked-LM heads (hf_fusedce.hf.encoder_heads): patched vs stock loss and EVERY parameter
+"""Encoder-decoder and masked-LM heads (hf_fusedce.hf.encoder.heads): patched vs stock loss and EVERY parameter
 gradient (float32, rel err <= 1e-5), tied and untied (T5: scaled and unscaled), padded batches, ignored positions,
 num_items_in_batch; Whisper on its feature extractor's features of a generated waveform. CI proves the required
-set; every type of the three mappings: `pytest -m slow -k every_entry` or `python -m hf_fusedce.hf.encoder_proof`."""
+set; every type of the three mappings: `pytest -m slow -k every_entry` or `python -m hf_fusedce.hf.encoder.proof`."""
 import dataclasses
 import json
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import hf_fusedce
-from hf_fusedce.hf import encoder_heads, encoder_proof, proof
+from hf_fusedce.hf import proof
+from hf_fusedce.hf.encoder import heads as encoder_heads, proof as encoder_proof
 
 REQUIRED = encoder_proof.required_set()
 ENTRIES = encoder_proof.all_entries()
@@ -116,6 +117,6 @@ def test_refused_class_names_the_reason():
 
 
 def test_encoder_card_matches_the_generator():
-    from hf_fusedce import encoder_cards
+    from hf_fusedce.cards import encoder as encoder_cards
     assert encoder_cards.INDEX.read_text() == encoder_cards.render(encoder_cards.load()), \
-        "regenerate with `python -m hf_fusedce.encoder_cards --refresh`"
+        "regenerate with `python -m hf_fusedce.cards.encoder --refresh`"

@@ -9,7 +9,7 @@ import torch
 trl_distill = pytest.importorskip("trl.trainer.distillation_trainer")
 
 import hf_fusedce  # noqa: E402
-from hf_fusedce.integrations import trl_distillation  # noqa: E402
+from hf_fusedce.integrations.trl import distillation as trl_distillation  # noqa: E402
 from hf_fusedce.testing import assert_as_accurate_as_materialized, reduction_bound, rel_err  # noqa: E402
 
 

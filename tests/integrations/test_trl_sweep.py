@@ -1,4 +1,4 @@
-"""The TRL sweep (hf_fusedce.integrations.trl_sweep) on a few families in CI: hf_fusedce's head through TRL's
+"""The TRL sweep (hf_fusedce.integrations.trl.sweep) on a few families in CI: hf_fusedce's head through TRL's
 protocol equals the stock loss and gradients where TRL's own head does not (unshifted BART, BERT's prediction
 transform, GraniteMoE's router aux); the full sweep over every family is the slow test."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-from hf_fusedce.integrations import trl_sweep  # noqa: E402
+from hf_fusedce.integrations.trl import sweep as trl_sweep  # noqa: E402
 
 
 @pytest.mark.parametrize("model_type, trl_status", [("llama", "exact"), ("bart", "inexact"), ("bert", "inexact"),

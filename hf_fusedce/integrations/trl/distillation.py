@@ -19,9 +19,9 @@ import warnings
 
 import torch
 
-from ..hf.tensor_parallel import is_vocab_sharded
-from ..ops.distill.api import distillation_loss_and_entropy
-from .imports import after_import
+from ...hf.tensor_parallel import is_vocab_sharded
+from ...ops.distill.api import distillation_loss_and_entropy
+from ..imports import after_import
 
 # "hooked": activate() ran; "compute_loss" / "loss": TRL's DistillationTrainer._compute_loss and its
 # _chunked_divergence_loss, as they were before the wrapper
@@ -105,7 +105,7 @@ def activate() -> None:
 
 def _install(module) -> None:
     """Patched students use the fused op; others run TRL's code untouched."""
-    from ..hf.patching import is_patched
+    from ...hf.patching import is_patched
 
     if "compute_loss" in _STOCK:
         return

@@ -16,9 +16,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .hf.recorded import media_status, status_text
+from ..hf.recorded import media_status, status_text
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
 DOCS_PAGE = CARDS_DIR.parent / "docs" / "models.md"  # the supported-models page of the documentation
 _QUIRK_TEXT = {
     "softcap": "tanh soft cap z = c*tanh(z/c), c = `{}`",
@@ -41,7 +41,7 @@ def _prove_one(model_type: str) -> dict:
     torch.set_num_threads(1)
     logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*changed its code")  # a worker process re-proving that code
-    from .hf import proof
+    from ..hf import proof
     res = proof.prove(model_type).__dict__
     res.pop("seconds")
     res["max_rel_err"] = float(f"{res['max_rel_err']:.1e}")
@@ -64,7 +64,7 @@ def run_proof(types=None, workers: int = 2) -> dict:
     import torch
     import transformers
 
-    from .hf import heads, proof
+    from ..hf import heads, proof
     types = sorted(types or proof.fused_types())
     with ProcessPoolExecutor(workers, initializer=_limit_memory) as pool:
         results = list(pool.map(_prove_one, types))
@@ -118,7 +118,7 @@ def render_card(r: dict, doc: dict) -> str:
     return "\n".join(lines)
 
 
-TRL_SWEEP = CARDS_DIR / "trl_sweep" / "results.json"  # written by python -m hf_fusedce.integrations.trl_sweep
+TRL_SWEEP = CARDS_DIR / "trl_sweep" / "results.json"  # written by python -m hf_fusedce.integrations.trl.sweep
 
 
 def _trl_lines(model_type: str) -> list[str]:
@@ -195,12 +195,12 @@ def render_all(doc: dict) -> dict[str, str]:
 
 
 def load(results: Path | None = None) -> dict:
-    from .hf.recorded import RESULTS_PATH
+    from ..hf.recorded import RESULTS_PATH
     return json.loads((results or RESULTS_PATH).read_text())
 
 
 def write(doc: dict, cards_dir: Path = CARDS_DIR, results: Path | None = None) -> None:
-    from .hf.recorded import RESULTS_PATH
+    from ..hf.recorded import RESULTS_PATH
     cards_dir.mkdir(parents=True, exist_ok=True)
     (results or RESULTS_PATH).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     wanted = render_all(doc)
@@ -222,11 +222,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     doc = run_proof(workers=args.workers) if args.refresh else load()
     write(doc, args.dir)
-    from . import encoder_cards  # the encoder-decoder / masked-LM index (model_cards/encoder_heads/)
-    encoder_cards.main(["--refresh"] if args.refresh else [])
+    from . import encoder  # the encoder-decoder / masked-LM index (model_cards/encoder_heads/)
+    encoder.main(["--refresh"] if args.refresh else [])
     print(render_index(doc).splitlines()[4])
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ causal LM, and what an entry declares (``EncoderHeadSpec``, a ``heads.HeadSpec``
   ModernBERT's ``sparse_pred_ignore_index == -100`` (its sparse prediction drops exactly the positions the loss ignores)
 - ``media``: the batch kind the proof ran ("audio" for speech models): such inputs are fused
 
-Every entry is proven by ``hf_fusedce.hf.encoder_proof`` (loss and every gradient vs stock, tied and untied,
+Every entry is proven by ``hf_fusedce.hf.encoder.proof`` (loss and every gradient vs stock, tied and untied,
 padded, ignored positions; speech models on their feature extractor's features of a generated waveform).
 Types of the three mappings not in ``ENCODER_HEADS`` are refused with the reason in ``ENCODER_REFUSED``, or
 ``CAUSAL_ELSEWHERE`` (decoder-only audio LMs mapped here whose loss is the shifted causal loss: the causal /
@@ -33,7 +33,7 @@ import functools
 import sys
 from dataclasses import dataclass
 
-from .heads import HeadSpec
+from ..heads import HeadSpec
 
 # kind -> transformers auto mapping (modeling_auto attribute)
 MAPPINGS = {
@@ -140,7 +140,7 @@ def spec_or_reason(cls, model=None) -> EncoderHeadSpec | str | None:
     spec = ENCODER_HEADS.get(found)
     if spec is None:
         return ENCODER_REFUSED.get(found, f"{found[0]} model type {found[1]!r} is not proven (not in "
-                                          "hf_fusedce.hf.encoder_heads.ENCODER_HEADS)")
+                                          "hf_fusedce.hf.encoder.heads.ENCODER_HEADS)")
     for path, value in spec.requires if model is not None else ():
         actual = _resolve(model, path)
         if actual != value:
@@ -156,7 +156,7 @@ def supported(kind: str, status: bool = False):
         return sorted(t for k, t in ENCODER_HEADS if k == kind)
     import json
     from pathlib import Path
-    doc = json.loads((Path(__file__).resolve().parent.parent / "data" / "encoder_proof_results.json").read_text())
+    doc = json.loads((Path(__file__).resolve().parents[2] / "data" / "encoder_proof_results.json").read_text())
     return {r["model_type"]: r["status"] + (f" ({r['reason']})" if r["reason"] else "")
             for r in doc["results"] if r["kind"] == kind}
 

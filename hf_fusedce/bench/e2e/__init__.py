@@ -18,8 +18,8 @@ import torch
 import hf_fusedce
 from hf_fusedce.memory import LiveTensorTracker
 
-from .runner import TIME_SKIP, environment, free_memory, is_oom, log, sync
-from .shapes import DtypeMode
+from ..runner import TIME_SKIP, environment, free_memory, is_oom, log, sync
+from ..shapes import DtypeMode
 
 # Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192, vocab 128256, tied.
 GPU_MODEL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

@@ -9,7 +9,7 @@ tokens / their count, plus the router aux loss when the config asks for router l
 exact (loss and every gradient within proof.TOL relative), inexact, crash, refused (ours: the patch refuses
 the type), and `skipped` when the stock model itself cannot run the tiny batch.
 
-    python -m hf_fusedce.integrations.trl_sweep --out model_cards/trl_sweep [--types llama gemma2 ...]
+    python -m hf_fusedce.integrations.trl.sweep --out model_cards/trl_sweep [--types llama gemma2 ...]
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def _loss_and_grads(model, ids, labels, **kw):
 
 def _error(loss, grads, stock_loss, stock_grads) -> float:
     """The proof's rule: relative error against max(|stock|, proof.FLOOR) (analytically zero gradients are noise)."""
-    from ..hf.proof import FLOOR
-    from ..testing import rel_err
+    from ...hf.proof import FLOOR
+    from ...testing import rel_err
     if set(grads) != set(stock_grads):
         return float("inf")
     return max([rel_err(loss, stock_loss, floor=FLOOR)]
@@ -45,7 +45,7 @@ def _error(loss, grads, stock_loss, stock_grads) -> float:
 
 
 def _outcome(fn, stock) -> dict:
-    from ..hf.proof import TOL
+    from ...hf.proof import TOL
     try:
         loss, grads = fn()
     except Exception as err:  # noqa: BLE001 - a crash is an outcome of the sweep
@@ -58,8 +58,8 @@ def sweep_type(model_type: str) -> dict:
     """{model_type, stock, trl, ours} for one model type."""
     import trl.trainer.utils as tu
 
-    from ..hf import proof
-    from . import patch
+    from ...hf import proof
+    from .. import patch
     trl_head = getattr(tu.add_fused_lm_head, "__wrapped__", tu.add_fused_lm_head)  # TRL's own function
     row = {"model_type": model_type}
     try:
@@ -85,7 +85,7 @@ def sweep_type(model_type: str) -> dict:
     row["trl"] = _outcome(through_trl, stock)
     try:
         proof.build(model_type)  # same model the patch would get
-        from ..hf.patching import _spec
+        from ...hf.patching import _spec
         _spec(proof.build(model_type), force=False)
     except ValueError as err:
         row["ours"] = {"status": "refused", "reason": str(err)[:200]}
@@ -105,7 +105,7 @@ def counts(rows: list[dict], head: str) -> dict:
 
 
 def run(types=None) -> dict:
-    from ..hf.proof import causal_lm_types
+    from ...hf.proof import causal_lm_types
     types = sorted(types or causal_lm_types())
     rows = []
     for t in types:
@@ -121,7 +121,7 @@ def run(types=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": "cpu", "float": "float32", "torch": torch.__version__, "transformers": transformers.__version__,
         "trl": trl.__version__, "python": platform.python_version(),
-        "command": "python -m hf_fusedce.integrations.trl_sweep --out model_cards/trl_sweep",
+        "command": "python -m hf_fusedce.integrations.trl.sweep --out model_cards/trl_sweep",
         "types": len(rows), "skipped_by_stock": sum(r["stock"] != "ok" for r in rows),
         "counts": {"trl": counts(rows, "trl"), "ours": counts(rows, "ours")}, "rows": rows,
     }

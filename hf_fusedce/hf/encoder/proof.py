@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import encoder_heads, proof
-from .proof import ProofResult, StockFailed
+from .. import proof
+from ..proof import ProofResult, StockFailed
+from . import heads as encoder_heads
 
-RESULTS_PATH = Path(__file__).resolve().parent.parent / "data" / "encoder_proof_results.json"
+RESULTS_PATH = Path(__file__).resolve().parents[2] / "data" / "encoder_proof_results.json"
 DEC_LEN = 8  # decoder labels shorter than the encoder input: decoder inputs built from the labels, not the ids
 DEC_LEN_OF = {"fsmt": proof.SEQ}  # FSMT's decoder inputs are the shifted encoder input_ids (same length)
 # Per-family config values the proof needs (the generic shrink cannot guess them) or must exercise.
@@ -250,7 +251,7 @@ def run(entries=None, workers: int = 2) -> dict:
             "tolerance": proof.TOL, "results": results}
 
 
-if __name__ == "__main__":  # python -m hf_fusedce.hf.encoder_proof [--refresh]
+if __name__ == "__main__":  # python -m hf_fusedce.hf.encoder.proof [--refresh]
     import sys
     doc = run()
     for r in doc["results"]:

@@ -2,7 +2,7 @@
 
 The model: Qwen2.5-0.5B's config (hidden 896, 14 heads, 2 kv heads, intermediate 4864, V=151936, tied
 embeddings) cut to 2 layers, random init, fp32, one sequence of `seq` tokens, AdamW. Each variant runs in its
-own subprocess (`python -m hf_fusedce.bench.e2e_rss --worker ...`), so stock's out-of-memory cannot kill the
+own subprocess (`python -m hf_fusedce.bench.e2e.rss --worker ...`), so stock's out-of-memory cannot kill the
 bench and peak RSS (ru_maxrss of the child) is the variant's alone. The child runs under an address-space limit
 (RLIMIT_AS: --limit-gib, lowered to 90% of the RAM available at launch + 2 GiB of never-resident mappings) so
 on a shared machine stock fails with an allocation error at the limit instead of waking the kernel's OOM killer;
@@ -60,7 +60,7 @@ def run_variant(variant: str, seq: int, steps: int = 1, limit_gib: float | None 
     """One child process; returns the record (status ok / oom / error / timeout)."""
     from hf_fusedce.memory import available_host_bytes
 
-    cmd = [sys.executable, "-m", "hf_fusedce.bench.e2e_rss", "--worker", variant, "--seq", str(seq),
+    cmd = [sys.executable, "-m", "hf_fusedce.bench.e2e.rss", "--worker", variant, "--seq", str(seq),
            "--steps", str(steps), "--seed", str(seed)]
     avail = available_host_bytes()
     if avail is not None:  # never let the child's memory reach past what is free now: the OOM killer would pick

@@ -25,9 +25,9 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from ..hf import forward, patching
-from ..hf.token_head import token_outputs
-from .imports import after_import
+from ...hf import forward, patching
+from ...hf.token_head import token_outputs
+from ..imports import after_import
 
 logger = logging.getLogger("hf_fusedce")
 UTILS = "trl.trainer.utils"
