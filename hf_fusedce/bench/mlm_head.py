@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from ..memory import measure_peak
 from ..ops import fused_linear_cross_entropy
+from .shapes import Shape
 from ..testing import rel_err
 
 
@@ -79,6 +81,31 @@ def run(tokens: int, hidden: int, vocab: int, mask_rate: float, reps: int, devic
         "rel_err": {"loss": rel_err(lf, ls), "d_hidden": rel_err(gf[0], gs[0]), "d_weight": rel_err(gf[1], gs[1]),
                     "d_bias": rel_err(gf[2], gs[2])},
     }
+
+
+_XLMR = Shape("xlmr", 768, 250002)  # XLM-R's head: the default of `hf-fusedce bench --op mlm`
+
+
+def run_bench(args, device, shapes, ns, command) -> int:
+    """`hf-fusedce bench --op mlm [--shapes DxV,...] [--n N,...] [--repeats R] [--out DIR]`: every shape x N at
+    15% masking, written to DIR/mlm_head.json and DIR/mlm_head.md."""
+    import pandas as pd
+    out = args.out or os.path.join("hf_fusedce_bench", "mlm")
+    os.makedirs(out, exist_ok=True)
+    runs = [run(n, shape.d, shape.v, 0.15, args.repeats or 3, str(device), seed=args.seed)
+            for shape in (shapes or [_XLMR]) for n in (ns or [1024])]
+    with open(os.path.join(out, "mlm_head.json"), "w") as f:
+        json.dump({"command": command, "results": runs}, f, indent=1)
+    rows = [{"D": r["shape"]["hidden"], "V": r["shape"]["vocab"], "positions": r["shape"]["tokens"],
+             "labelled": r["shape"]["labelled"], "stock s": round(r["stock"]["seconds"], 2),
+             "fused s": round(r["fused"]["seconds"], 2), "stock MiB": round(r["stock"]["peak_mib"], 1),
+             "fused MiB": round(r["fused"]["peak_mib"], 1), "speedup": round(r["speedup"], 2),
+             "memory ratio": round(r["memory_ratio"], 2), "max rel err": max(r["rel_err"].values())} for r in runs]
+    with open(os.path.join(out, "mlm_head.md"), "w") as f:
+        f.write(f"`{' '.join(command)}` ({runs[0]['device']}, torch {runs[0]['torch']}, "
+                f"{runs[0]['threads']} threads)\n\n{pd.DataFrame(rows).to_markdown(index=False)}\n")
+    print(f"wrote {out}/mlm_head.json and mlm_head.md")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -76,9 +76,10 @@ def register(subparsers):
                    help="where to profile (default CUDA llama3-8b:8192 bf16; CPU the first shape and N)")
     g.add_argument("--profile-impl", default=None, help="impl to profile (default ours-triton on CUDA, else ours-torch)")
     g = p.add_argument_group("distillation (--op distill: ours vs TRL's chunked divergence vs materialized)")
-    g.add_argument("--op", choices=("ce", "distill", "tp"), default="ce",
+    g.add_argument("--op", choices=("ce", "distill", "tp", "mlm"), default="ce",
                    help="ce: the cross-entropy head (default); distill: fused_linear_distillation (default N 4096, "
-                        "shape 512x32000, fp32); tp: the vocab-parallel head on CPU gloo ranks (see --tp)")
+                        "shape 512x32000, fp32); tp: the vocab-parallel head on CPU gloo ranks (see --tp); mlm: a "
+                        "masked-LM head at 15%% masking, stock vs fused (default N 1024, shape 768x250002: XLM-R)")
     g.add_argument("--beta", default="0.0", help="--op distill: comma list of beta (0 KL(t||s), 1 KL(s||t))")
     g.add_argument("--temperature", type=float, default=1.0, help="--op distill: temperature")
     g.add_argument("--teacher-dim", type=int, default=None, help="--op distill: teacher hidden size (default D)")
@@ -182,6 +183,10 @@ def run(args) -> int:
         from hf_fusedce.bench.distill import run as run_distill
 
         return run_distill(args, device, _command_line(args))
+    if args.op == "mlm":
+        from hf_fusedce.bench.mlm_head import run_bench
+
+        return run_bench(args, device, shapes if args.shapes else None, ns if args.n else None, _command_line(args))
     if args.matrix == "real-heads" or args.e2e_rss:
         return _run_real_heads(args, device, impls if args.impls else None, modes if args.dtype else None,
                                shapes if args.shapes else None, ns if args.n else None)

@@ -15,3 +15,17 @@ def test_mlm_head_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert mlm_head.main(["--tokens", "64", "--hidden", "16", "--vocab", "501", "--reps", "1", "--out", str(out)]) == 0
     assert '"speedup"' in out.read_text()
+
+
+def test_hf_fusedce_bench_op_mlm_writes_its_results(tmp_path):
+    import json
+
+    from hf_fusedce.cli.main import main
+    assert main(["bench", "--op", "mlm", "--shapes", "32x3001", "--n", "256", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "mlm_head.json").read_text())
+    assert doc["command"][:2] == ["hf-fusedce", "bench"] and "mlm" in doc["command"]
+    (res,) = doc["results"]
+    assert res["shape"]["hidden"] == 32 and res["shape"]["vocab"] == 3001 and res["shape"]["tokens"] == 256
+    assert all(err <= 1e-5 for err in res["rel_err"].values())
+    assert "3001" in (tmp_path / "mlm_head.md").read_text()
