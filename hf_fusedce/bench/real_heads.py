@@ -22,9 +22,9 @@ import torch
 
 from hf_fusedce.memory import available_host_bytes, measure_peak, stock_head_peak_bytes
 
-from .reference import chunked_reference, compare
+from .reference import chunked_reference
 from .runner import (TIME_SKIP, _brief, _impl_fields, _step, environment, free_memory, gemm_rate, is_oom, log,
-                     make_inputs, sync)
+                     make_inputs, record_peak_and_loss, sync)
 from .shapes import DTYPE_MODES
 
 RAM_HEADROOM = 0.85  # use at most this share of MemAvailable for one implementation's tensors
@@ -60,14 +60,7 @@ def _memory_round(impl, fn, h, w, y, mode, device, ref) -> dict:
         with measure_peak(device) as reading:
             loss = _step(fn, h, w, y, mode, device)
         rec["memory_round_ms"] = (time.perf_counter() - t0) * 1e3
-        grad_bytes = sum(t.numel() * t.element_size() for t in (h, w))
-        rec.update({"peak_mem_bytes": int(reading.peak_bytes), "grad_bytes": grad_bytes,
-                    "peak_above_grads_bytes": int(reading.peak_bytes) - grad_bytes, "mem_method": reading.method})
-        if impl.kind != "floor":
-            rec["loss"] = float(loss.detach().float())
-            if ref is not None:
-                rec.update(compare(ref, rec["loss"], h.grad, w.grad))
-                rec["reference"] = "float64, chunked, same inputs"
+        record_peak_and_loss(rec, reading, loss, impl, h, w, ref)
         del loss
     except Exception as err:  # noqa: BLE001 - every failure becomes an honest record
         rec = {"status": "oom" if is_oom(err) else f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"}

@@ -151,6 +151,19 @@ def _time_calls(fn, h, w, y, mode, device, cfg: BenchConfig) -> list[float]:
     return times
 
 
+def record_peak_and_loss(rec: dict, reading, loss, impl: Impl, h, w, ref: Reference | None) -> None:
+    """The record's memory fields (peak, the gradients' bytes, the peak above them) and, for a loss head (not the
+    GEMM floor), its loss and its error against the float64 reference."""
+    grad_bytes = sum(t.numel() * t.element_size() for t in (h, w))
+    rec.update({"peak_mem_bytes": int(reading.peak_bytes), "grad_bytes": grad_bytes,
+                "peak_above_grads_bytes": int(reading.peak_bytes) - grad_bytes, "mem_method": reading.method})
+    if impl.kind != "floor":
+        rec["loss"] = float(loss.detach().float())
+        if ref is not None:
+            rec.update(compare(ref, rec["loss"], h.grad, w.grad))
+            rec["reference"] = "float64, chunked, same inputs"
+
+
 def measure(impl: Impl, fn, h, w, y, mode: DtypeMode, device, cfg: BenchConfig, ref: Reference | None) -> dict:
     """Times and measures one implementation; returns the measurement part of the record."""
     rec: dict = {"status": "ok"}
@@ -163,24 +176,15 @@ def measure(impl: Impl, fn, h, w, y, mode: DtypeMode, device, cfg: BenchConfig, 
         free_memory(device)
         with measure_peak(device) as reading:
             loss = _step(fn, h, w, y, mode, device)
-        grad_bytes = sum(t.numel() * t.element_size() for t in (h, w))
         rec.update({
             "fwd_bwd_ms": statistics.median(times),
             "times_ms": [round(t, 4) for t in times],
             "repeats": len(times),
             "warmup": cfg.warmup,
-            "peak_mem_bytes": int(reading.peak_bytes),
-            "grad_bytes": grad_bytes,
-            "peak_above_grads_bytes": int(reading.peak_bytes) - grad_bytes,
-            "mem_method": reading.method,
         })
+        record_peak_and_loss(rec, reading, loss, impl, h, w, ref)
         if hasattr(os, "getloadavg"):  # per measurement: CPU timings drift with the machine's load
             rec["loadavg_1m_at_measure"] = round(os.getloadavg()[0], 2)
-        if impl.kind != "floor":
-            rec["loss"] = float(loss.detach().float())
-            if ref is not None:
-                rec.update(compare(ref, rec["loss"], h.grad, w.grad))
-                rec["reference"] = "float64, chunked, same inputs"
         del loss
     except Exception as err:  # noqa: BLE001 - every failure becomes an honest record
         status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
