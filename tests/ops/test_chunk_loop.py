@@ -2,6 +2,9 @@
 128, the first chunk's beta=0 write (no zero fill) and the skipped scaling when grad_out is 1."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -75,9 +78,16 @@ def test_bf16_weight_gradient_under_each_policy_with_many_chunks(policy):
     assert w16.grad.dtype == torch.bfloat16 and err < 2e-2, err
 
 
+def _caller_outside_torch() -> str:
+    frame = sys._getframe(2)
+    while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+        frame = frame.f_back
+    return frame.f_code.co_name if frame is not None else ""
+
+
 class _Float32Widths(torch.utils._python_dispatch.TorchDispatchMode):
-    """Rows of every new float32 tensor `vocab` wide (no view, not the logits GEMM's output): the row
-    function's float32 working set."""
+    """Rows of every new float32 tensor `vocab` wide (no view, not the logits GEMM's output, not the chunk loop's
+    own chunk buffer, which the GEMM writes into): the row function's float32 working set."""
     GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 
     def __init__(self, vocab):
@@ -86,6 +96,10 @@ class _Float32Widths(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if _caller_outside_torch() == "_chunk_loop":  # the chunk buffer: GEMM 1's output
+            return out
+        if func._schema.is_mutable:  # in place: no new tensor (the chunk-level target terms write z itself)
+            return out
         if (func not in self.GEMMS and not func.is_view and isinstance(out, torch.Tensor)
                 and out.dtype == torch.float32 and out.dim() == 2 and out.shape[1] == self.vocab):
             self.rows.append(out.shape[0])

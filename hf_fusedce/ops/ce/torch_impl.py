@@ -13,24 +13,23 @@ Per row t with target ids k, probabilities tau_k (one-hot: one id, tau=1), smoot
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from .spec import RowInputs, LossSpec
 
 # A chunk is worked on in row blocks of about ROW_BLOCK_BYTES of float32: each block's float32 buffers (the copy
-# of a bf16/fp16 block, the softmax, tanh) stay in cache through the row's passes, and the chunk budget pays only
-# the chunk itself (bf16 chunks hold 3x the rows: 2 bytes per logit, not 6). The buffers are allocated once per
-# chunk (Scratch): a fresh multi-MiB CPU allocation per block goes back to the OS when freed and page-faults in
-# again. Measured on the CPU, row math of a 512 x 32000 bf16 chunk: whole-chunk buffers 70 ms, fresh buffers per
-# block 74 ms, reused block buffers 20 ms.
+# of a bf16/fp16 block, the exponentials, tanh) stay in the cores' L2 through the row's passes (the elementwise ops
+# split a block between the threads), and the chunk budget pays only the chunk itself (bf16 chunks hold 3x the
+# rows: 2 bytes per logit, not 6). The buffers are allocated once per chunk (Scratch): a fresh multi-MiB CPU
+# allocation per block goes back to the OS when freed and page-faults in again. Row math of a whole chunk by block
+# size, measured on the project's CPU (2-core Xeon, 2 MiB L2 per core, quiet, 2026-12-05): 1024 x 151936 bf16:
+# 1 MiB 109 ms, 2 MiB 117, 4 MiB 95, 8 MiB 123, 19 MiB (32 rows) ~160; 512 x 151936 fp32: 52 / 60 / 45 / 61 ms.
+# Small blocks mean many short OpenMP regions: on an oversubscribed CPU (more busy threads than cores) each
+# region's barrier waits for descheduled threads, and blocks of >= 32 rows were faster there.
 ROW_BLOCK_BYTES = 4 << 20
-# ... but never fewer than ROW_BLOCK_MIN_ROWS rows (V > 32768): each op over a block is one OpenMP parallel
-# region, and at V=151936 a 4 MiB block is 6 rows, ~15 regions per 6 rows. On a loaded CPU every region's barrier
-# waits for descheduled threads: measured (2 cores, load ~5, 2026-12-05) on a 512 x 151936 fp32 chunk, 4 MiB
-# blocks 2020 ms, 32-row (19 MiB) blocks 638 ms, 64 MiB 467 ms; bf16 1024 rows 10.8 s / 4.8 s / 2.6 s.
-# The price: the float32 scratch of a low-precision chunk is up to 2-3 blocks of 32 rows (V=151936: 19 MiB each).
-ROW_BLOCK_MIN_ROWS = 32
+ROW_BLOCK_MIN_ROWS = 1
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:
@@ -63,7 +62,7 @@ def in_row_blocks(row_fn):
 
     @functools.wraps(row_fn)
     def run(z: torch.Tensor, rows, spec, compute_grad: bool):
-        block = min(z.shape[0], max(ROW_BLOCK_MIN_ROWS, ROW_BLOCK_BYTES // (4 * max(1, z.shape[1]))))
+        block = row_block_rows(z)
         scratch = Scratch(block, z)
         if z.shape[0] <= block:
             return row_fn(z, rows, spec, compute_grad, scratch)
@@ -114,41 +113,129 @@ def to_raw_grad_(g: torch.Tensor, z: torch.Tensor, tanh, spec: LossSpec) -> None
         z.copy_(g)
 
 
-def _exp_rows(x: torch.Tensor, z: torch.Tensor, scratch: Scratch):
-    """(p, log S, S or None) for shifted rows x (max 0), S = sum exp(x): p / S is the softmax.
-    A float32 copy of a low-precision chunk goes through torch's fused softmax into scratch (p normalized, None):
-    about 2x faster than exp_ on CPU (0.88 vs 1.26 ms for 64 x 32000), and the copy back to z is needed anyway.
-    A float32/64 chunk (x is z) is exponentiated in place: no buffer and no copy back, 1/S folded into the
-    gradient's scale. Never exp(x - lse): lse's rounding would dominate p ~ 1 at large logits."""
-    if x is not z:
-        p = torch.softmax(x, 1, out=scratch("p", x.shape[0]))
-        return p, p.amax(1).log_().neg_(), None  # the max's entry is exp(0) / S
-    sum_exp = x.exp_().sum(1)
-    return x, sum_exp.log(), sum_exp
+def row_block_rows(z: torch.Tensor) -> int:
+    return min(z.shape[0], max(ROW_BLOCK_MIN_ROWS, ROW_BLOCK_BYTES // (4 * max(1, z.shape[1]))))
 
 
-@in_row_blocks
-def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool, scratch: Scratch) -> torch.Tensor:
-    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale*loss)/dz."""
-    x, tanh = transform_(z, spec, scratch)
-    ids, tau = rows.ids, rows.probs  # (n, K); ignored entries have id 0 and tau 0
-    eps, zl, vocab = spec.label_smoothing, spec.z_loss, x.shape[1]
-    row_max = x.amax(1)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    x.sub_(row_max[:, None])  # shifted logits: the terms below never subtract two large numbers
-    tau_sum = tau.sum(1)
-    tau_dot_gap = -(tau * x.gather(1, ids)).sum(1)  # sum_k tau_k (max - x_k) >= 0
-    mean_gap = -x.mean(1) if eps else None
-    p, log_sum, sum_exp = _exp_rows(x, z, scratch)
-    lse = row_max + log_sum
-    loss, active = weighted_row_loss(log_sum, tau_sum, tau_dot_gap, mean_gap, lse, rows, spec)
-    if not compute_grad:
-        return loss
-    coef = torch.where(active, rows.weight * rows.scale, torch.zeros_like(loss))
-    factor = ((1.0 - eps) * tau_sum + eps + 2.0 * zl * lse).mul_(coef)
-    p.mul_((factor if sum_exp is None else factor.div_(sum_exp))[:, None])  # the softmax, scaled
-    p.scatter_add_(1, ids, -(1.0 - eps) * tau * coef[:, None])
-    if eps:
-        p.sub_((eps / vocab) * coef[:, None])
-    to_raw_grad_(p, z, tanh, spec)
+@dataclass
+class _ChunkRows:
+    """Per-row vectors of one chunk, filled block by block (each block writes its slice through out=), so the
+    per-row arithmetic runs once per chunk, not once per block: at V=151936 a block is 3 rows, and a few dozen
+    small ops per block cost as much as the block's passes over the logits."""
+
+    row_max: torch.Tensor
+    sum_exp: torch.Tensor
+    target_x: torch.Tensor  # (n, K) shifted logits x_k - max at the ids
+    mean_shifted: torch.Tensor | None  # mean_j (x_j - max), label smoothing only
+
+    @classmethod
+    def empty(cls, n: int, k: int, dtype: torch.dtype, device, smoothing: bool) -> "_ChunkRows":
+        new = functools.partial(torch.empty, dtype=dtype, device=device)
+        return cls(new(n), new(n), new(n, k), new(n) if smoothing else None)
+
+
+# How a block's gradient is written (chosen per chunk):
+#   "rounded": a low-precision chunk, no softcap, one id per row: z = factor * p + shift computed in the float32
+#              block and rounded once into z; the target entries rewritten once per chunk from their float32 value
+#              (adding -tau after the rounding would cancel p ~ 1).
+#   "inplace": a float32/64 chunk without softcap: p is z itself; the target term scatter-added once per chunk.
+#   "general": softcap (the chain rule needs the target term first) or soft targets on a low-precision chunk.
+# In the first two, dL/dz = logit_scale * dL/dx is folded into the terms.
+def _write_mode(z: torch.Tensor, spec: LossSpec, k: int) -> str:
+    if spec.softcap is not None:
+        return "general"
+    if not is_low_precision(z.dtype):
+        return "inplace"
+    return "rounded" if k == 1 else "general"
+
+
+@dataclass
+class _GradTerms:
+    """dL/dz = factor * exp(x - max) + shift, plus target at the ids; per-row factor = base / sum_exp (+ z-loss)."""
+
+    mode: str
+    base: torch.Tensor  # ((1-eps) sum tau + eps) * coef
+    coef: torch.Tensor  # weight * upstream scale, 0 on ignored rows
+    target: torch.Tensor  # (n, K) -(1-eps) tau coef
+    shift: torch.Tensor | None  # -eps coef / V, label smoothing only
+    z_loss: float
+
+    @classmethod
+    def build(cls, mode: str, rows: RowInputs, tau_sum, spec: LossSpec, vocab: int) -> "_GradTerms":
+        eps = spec.label_smoothing
+        coef = torch.where(rows.weight != 0, rows.weight * rows.scale, torch.zeros_like(tau_sum))
+        if mode != "general":
+            coef = coef * spec.logit_scale
+        shift = (-eps / vocab) * coef if eps else None
+        return cls(mode, ((1.0 - eps) * tau_sum + eps) * coef, coef, -(1.0 - eps) * rows.probs * coef[:, None],
+                   shift, spec.z_loss)
+
+    def factor(self, sl, stats: _ChunkRows) -> torch.Tensor:
+        factor = self.base[sl]
+        if self.z_loss:  # d(zl lse^2)/dx = 2 zl lse p
+            lse = stats.row_max[sl] + stats.sum_exp[sl].log()
+            factor = factor + 2.0 * self.z_loss * lse * self.coef[sl]
+        return factor / stats.sum_exp[sl]
+
+
+@torch.no_grad()
+def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool) -> torch.Tensor:
+    """Returns loss_rows in float32; if compute_grad, z now holds d(row_scale*loss)/dz. Rows are worked on in
+    blocks that stay in cache (ROW_BLOCK_BYTES); the per-row arithmetic is done once for the chunk."""
+    n, vocab = z.shape
+    eps, k = spec.label_smoothing, rows.ids.shape[1]
+    tau_sum = rows.probs.sum(1)
+    stats = _ChunkRows.empty(n, k, torch.promote_types(z.dtype, torch.float32), z.device, bool(eps))
+    grad = None
+    if compute_grad:
+        grad = _GradTerms.build(_write_mode(z, spec, k), rows, tau_sum, spec, vocab)
+    block = row_block_rows(z)
+    scratch = Scratch(block, z)
+    for start in range(0, n, block):
+        sl = slice(start, min(start + block, n))
+        _block_rows(z[sl], sl, rows.ids[sl], spec, stats, grad, scratch)
+    if grad is not None and grad.mode != "general":
+        _add_target_terms(z, rows.ids, stats, grad)
+    log_sum = stats.sum_exp.log()
+    tau_dot_gap = (rows.probs * stats.target_x).sum(1).neg_()  # sum_k tau_k (max - x_k) >= 0
+    mean_gap = stats.mean_shifted.neg() if eps else None
+    loss, _ = weighted_row_loss(log_sum, tau_sum, tau_dot_gap, mean_gap, stats.row_max + log_sum, rows, spec)
     return loss
+
+
+def _block_rows(zb, sl, ids, spec, stats, grad, scratch):
+    """One block's passes: shifted logits and their exponentials in the block's buffer, row statistics into
+    `stats`; with `grad`, the block's gradient written over zb (target terms aside, see _write_mode)."""
+    x, tanh = transform_(zb, spec, scratch)
+    row_max = torch.amax(x, 1, out=stats.row_max[sl]).nan_to_num_(0.0, 0.0, 0.0)  # all -inf rows: shift by 0
+    x.sub_(row_max[:, None])  # shifted logits: the terms below never subtract two large numbers
+    torch.gather(x, 1, ids, out=stats.target_x[sl])
+    if stats.mean_shifted is not None:
+        torch.mean(x, 1, out=stats.mean_shifted[sl])
+    p = x.exp_()  # unnormalized: 1/S goes into the factor. Never exp(x - lse): lse's rounding would dominate p ~ 1
+    torch.sum(p, 1, out=stats.sum_exp[sl])
+    if grad is None:
+        return
+    factor = grad.factor(sl, stats)[:, None]
+    if grad.shift is None:
+        p.mul_(factor)
+    else:
+        torch.addcmul(grad.shift[sl, None], p, factor, out=p)  # in place, one pass
+    if grad.mode == "general":
+        p.scatter_add_(1, ids, grad.target[sl])
+        to_raw_grad_(p, zb, tanh, spec)
+    elif grad.mode == "rounded":
+        zb.copy_(p)  # not torch.mul(..., out=zb): a float32 op with a bf16 out= goes through a temporary, 10x slower
+
+
+def _add_target_terms(z, ids, stats: _ChunkRows, grad: _GradTerms):
+    """The target term at the ids, once per chunk. "rounded": the entries recomputed in float32 from the stored
+    shifted logits (exp of the same value the block exponentiated) and rounded once."""
+    if grad.mode == "inplace":
+        z.scatter_add_(1, ids, grad.target)
+        return
+    at_target = stats.target_x.exp().mul_(grad.factor(slice(None), stats)[:, None]).add_(grad.target)
+    if grad.shift is not None:
+        at_target.add_(grad.shift[:, None])
+    rows = torch.arange(z.shape[0], device=z.device)
+    z.index_put_((rows, ids[:, 0]), at_target[:, 0].to(z.dtype))  # bf16 scatter_ copies the whole chunk (225 ms)
