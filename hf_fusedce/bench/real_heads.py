@@ -72,8 +72,10 @@ def _memory_round(impl, fn, h, w, y, mode, device, ref) -> dict:
 
 
 def run_cells(cells, impls, device, cfg, sink, rounds: int = 2, explicit: bool = False, ref_max_n: int = 1024,
-              gemm_floor: bool = False):
-    """cells: [(dtype key, Shape, N)] in the order to run. Calls sink(record) per (cell, impl)."""
+              gemm_floor: bool = False, peer_rounds: int | None = None):
+    """cells: [(dtype key, Shape, N)] in the order to run. Calls sink(record) per (cell, impl).
+    peer_rounds: timed rounds for the peers (kind "peer"), if fewer than `rounds`: a peer at 5-10x the floor
+    would otherwise spend most of a cell's time; each record states its own number of timed rounds."""
     env = environment(device)
     resolved = {impl.name: impl.resolve(device, explicit) for impl in impls}
     for dt_key, shape, n in cells:
@@ -108,12 +110,15 @@ def run_cells(cells, impls, device, cfg, sink, rounds: int = 2, explicit: bool =
             if recs[impl.name]["status"] == "ok":
                 fns[impl.name] = fn
                 recs[impl.name]["times_ms"] = []
-        for _ in range(rounds):
+        kinds = {impl.name: impl.kind for impl in impls}
+        for round_index in range(rounds):
             if cfg.out_of_time():
                 break
             for name, fn in fns.items():
                 if cfg.out_of_time():
                     break
+                if kinds[name] == "peer" and peer_rounds is not None and round_index >= peer_rounds:
+                    continue
                 h.grad = w.grad = None
                 sync(device)
                 t0 = time.perf_counter()
@@ -128,6 +133,9 @@ def run_cells(cells, impls, device, cfg, sink, rounds: int = 2, explicit: bool =
             if rec["status"] == "ok":
                 if times:
                     rec.update(fwd_bwd_ms=statistics.median(times), repeats=len(times), warmup=1)
+                    if len(times) < rounds and impl.kind == "peer" and peer_rounds is not None:
+                        rec["timing"] = (f"interleaved: 1 memory/warm-up round, then {len(times)} timed round(s) "
+                                         f"(--peer-rounds {peer_rounds}), median")
                 else:  # the one call there was: cold, under the memory tracker; said so in the record
                     rec.update(fwd_bwd_ms=rec["memory_round_ms"], repeats=1, warmup=0,
                                timing="one cold call under the memory tracker (time budget spent before a "

@@ -43,6 +43,9 @@ def register(subparsers):
                    help="real-heads: the heads of Qwen2.5-0.5B, Llama-3.2-1B, Qwen2.5-7B, Gemma-2-2B (softcap 30) at "
                         "N 1024/4096/16384, fp32 and bf16, implementations interleaved, N=4096 first; --shapes, "
                         "--n, --dtype, --impls narrow it (default out model_cards/benchmarks/cpu/real-heads)")
+    p.add_argument("--peer-rounds", type=int, default=None, metavar="K",
+                   help="--matrix real-heads: at most K timed rounds for the peers (TRL, torch, Liger, CCE); "
+                        "default: --rounds")
     p.add_argument("--rounds", type=int, default=2,
                    help="--matrix real-heads: timed rounds after the memory/warm-up round (default 2)")
     p.add_argument("--gemm-floor", action="store_true",
@@ -283,7 +286,8 @@ def _run_real_heads(args, device, impls, modes, shapes, ns) -> int:
             f.write(cpu_plan_table(cells) + "\n" + cuda_model_table(shapes or list(REAL_HEADS.values())))
         written.append(os.path.join(out, "plans.md"))
         run_cells(cells, impls or parse_impls(",".join(DEFAULT_IMPLS)), device, cfg, sink,
-                  rounds=max(0, args.rounds), explicit=bool(impls), gemm_floor=args.gemm_floor)
+                  rounds=max(0, args.rounds), explicit=bool(impls), gemm_floor=args.gemm_floor,
+                  peer_rounds=args.peer_rounds)
     if args.e2e_rss:
         from hf_fusedce.bench.e2e import rss as e2e_rss
 

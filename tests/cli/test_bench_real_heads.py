@@ -96,3 +96,14 @@ def test_blocked_floor_does_the_same_gemms():
         IMPLS[name].resolve(torch.device("cpu"))(h, w, None).backward()
         grads.append((h.grad.clone(), w.grad.clone()))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-3)
+
+
+def test_peer_rounds_caps_the_peers_timed_rounds_only(tmp_path):
+    out = tmp_path / "rh"
+    assert main(["bench", "--matrix", "real-heads", "--shapes", "32x500", "--n", "64", "--dtype", "fp32",
+                 "--impls", "ours-torch,trl-chunked,floor", "--rounds", "2", "--peer-rounds", "1", "--ref", "none",
+                 "--out", str(out)]) == 0
+    by = {r["impl"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert by["ours-torch"]["repeats"] == 2 and by["floor"]["repeats"] == 2
+    if by["trl-chunked"]["status"] == "ok":  # TRL installed (the test extra has it)
+        assert by["trl-chunked"]["repeats"] == 1 and "--peer-rounds 1" in by["trl-chunked"]["timing"]

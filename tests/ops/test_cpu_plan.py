@@ -132,3 +132,15 @@ def test_planned_default_gives_the_numbers_of_a_small_budget(monkeypatch):
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
+
+
+def test_memory_cap_is_a_fifth_of_the_logits_where_the_gradients_are_large():
+    """Llama-3.2-1B's head at 4096 fp32 tokens: the weight's gradient (1 GB) is half the logits, the whole-head bar
+    cannot hold anyway; the chunk may take a fifth of the fp32 logits (768 rows: the GEMMs' weight re-reads halve
+    against 512). Issue 2's shape (D=512, V=32000): gradients small, an eighth, the whole head within 10%."""
+    n = 4096
+    assert cp.memory_cap(n, 128256, F32, 2048) == n * 128256 * 4 // 5
+    assert cp.choose(n, 2048, 128256, F32).rows == 768
+    assert cp.memory_cap(n, 32000, F32, 512) == n * 32000 * 4 // 8
+    assert cp.memory_cap(n, 32000, F32) == n * 32000 * 4 // 8  # no D given: the stricter bound
+    assert cp.memory_cap(n, 256000, F32, 2304) == cp.MAX_BUDGET_BYTES
