@@ -143,4 +143,4 @@ def test_memory_cap_is_a_fifth_of_the_logits_where_the_gradients_are_large():
     assert cp.choose(n, 2048, 128256, F32).rows == 768
     assert cp.memory_cap(n, 32000, F32, 512) == n * 32000 * 4 // 8
     assert cp.memory_cap(n, 32000, F32) == n * 32000 * 4 // 8  # no D given: the stricter bound
-    assert cp.memory_cap(n, 256000, F32, 2304) == cp.MAX_BUDGET_BYTES
+    assert cp.memory_cap(n, 256000, F32, 2304) == cp.MAX_BUDGET_BYTES  # a fifth would be 839 MB

@@ -15,7 +15,7 @@ cost the same at every chunk size and are left out.
 
 The plan is the smallest candidate budget whose modelled time is within TIME_TARGET x floor (the fastest if
 none is), never above MAX_BUDGET_BYTES nor a fifth of the call's fp32 logits (an eighth where the head's
-gradients are small beside its logits; never below the old 32 MiB default): the head's extra memory stays a chunk of at most 512 MiB plus per-row vectors, whatever N. So few tokens
+gradients are small beside its logits; never below the old 32 MiB default): the head's extra memory stays a chunk of at most 768 MiB plus per-row vectors, whatever N. So few tokens
 (N=1024 at V=151936 fp32: 128 rows) stay short of the floor: memory first; an explicit budget buys the speed.
 
 The machine is measured once per process and (dtype, D) (~0.1-1.5 s), and only for calls at least
@@ -26,6 +26,7 @@ constant 32 MiB budget. An explicit chunk_budget_bytes or HF_FUSEDCE_CHUNK_BUDGE
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -40,16 +41,17 @@ _MiB = 1 << 20
 ENV_CPU_PLAN = "HF_FUSEDCE_CPU_PLAN"  # measure (default) | profile | fixed
 PLAN_MODES = ("measure", "profile", "fixed")
 FIXED_BUDGET_BYTES = 32 * _MiB  # the old constant default, and the floor of the candidates
-MAX_BUDGET_BYTES = 512 * _MiB  # the default memory bound of the head's chunk on CPU
+MAX_BUDGET_BYTES = 768 * _MiB  # the default memory bound of the head's chunk on CPU (as on CUDA)
 LOGITS_FRACTION = 5  # ... and at most 1/5 of the call's fp32 logits (fp32 chunks <= N/5 rows, bf16 <= 2N/5),
 LOGITS_FRACTION_SMALL_GRADS = 8  # 1/8 where the head's gradients are small beside the logits (see memory_cap)
-CANDIDATE_BUDGETS = tuple(m * _MiB for m in (32, 48, 64, 96, 128, 192, 256, 384, 512))
+CANDIDATE_BUDGETS = tuple(m * _MiB for m in (32, 48, 64, 96, 128, 192, 256, 384, 512, 768))
 # GEMMs 1 and 2 of every chunk read (and the BLAS packs) the whole V x D weight: charged as WEIGHT_PASSES
 # streaming passes over it. Fitted on the project's CPU (fp32, 2026-12-05): each extra chunk cost the time of 7-12
 # passes at the measured bandwidth (D=896 V=151936: 4096 rows 10.29 s, 8 x 512 11.09 s; D=2048 V=128256: 19.21 s,
 # 8 x 512 21.67 s, 6 x 768 20.22 s); a calibration slice in cache cannot see it.
 WEIGHT_PASSES = 6
-TIME_TARGET = 1.02  # x the modelled floor. The model is good to ~5% (its calibration slice sits in cache), so a
+TIME_TARGET = 1.02  # x the modelled floor. The model is rough (measured at N=4096 on the project's CPU: it put
+# fp32 plans at 1.10-1.12x where they ran at 1.02-1.06x, bf16 at 1.27-1.47x where they ran at 0.98-1.01x), so a
 # tight target: the plan takes the largest chunk the memory cap allows unless a smaller one is modelled at the floor
 CALIBRATION_ROWS = (64, 128, 256, 512, 1024, 2048)
 CALIBRATION_VOCAB = 1024  # W slice the calibration GEMMs run against
@@ -65,8 +67,12 @@ class Machine:
     source: str
 
     def rate(self, dtype: torch.dtype, rows: int) -> float:
+        """FLOP/s at `rows` rows on the curve's rising envelope: a GEMM with more rows is never slower per FLOP
+        on this BLAS, so a dip in a calibration (a few ms per point; seen: bf16 1542 GFLOP/s at 512 rows, 1244 at
+        1024) is noise, and must not make small chunks look faster (it picked 256-row chunks at Gemma-2-2B fp32:
+        1.15x the floor)."""
         table = dict(self.rates)
-        curve = table.get(_name(dtype)) or table["float32"]
+        curve = list(itertools.accumulate(table.get(_name(dtype)) or table["float32"], max))
         if rows <= CALIBRATION_ROWS[0]:  # below the smallest measured row count: rate ~ proportional to rows
             return curve[0] * rows / CALIBRATION_ROWS[0]
         for (r0, g0), (r1, g1) in zip(zip(CALIBRATION_ROWS, curve), zip(CALIBRATION_ROWS[1:], curve[1:])):
@@ -76,9 +82,7 @@ class Machine:
         return curve[-1]
 
     def floor_rate(self, dtype: torch.dtype, rows: int) -> float:
-        """The unchunked GEMMs' rate: the curve at the call's own row count (capped at the largest measured),
-        not the curve's best point: a calibration is a few ms per point, and one lucky point would make every
-        chunk plan look slower than it is (seen: bf16 1542 GFLOP/s at 512 rows, 1244 at 1024)."""
+        """The unchunked GEMMs' rate: the envelope at the call's own row count (capped at the largest measured)."""
         return max(self.rate(dtype, rows), 1.0)
 
 
