@@ -50,8 +50,8 @@ CANDIDATE_BUDGETS = tuple(m * _MiB for m in (32, 48, 64, 96, 128, 192, 256, 384,
 # passes at the measured bandwidth (D=896 V=151936: 4096 rows 10.29 s, 8 x 512 11.09 s; D=2048 V=128256: 19.21 s,
 # 8 x 512 21.67 s, 6 x 768 20.22 s); a calibration slice in cache cannot see it.
 WEIGHT_PASSES = 6
-TIME_TARGET = 1.02  # x the modelled floor. The model is rough (measured at N=4096 on the project's CPU: it put
-# fp32 plans at 1.10-1.12x where they ran at 1.02-1.06x, bf16 at 1.27-1.47x where they ran at 0.98-1.01x), so a
+TIME_TARGET = 1.02  # x the modelled floor. The model is rough (at N=4096 on the project's CPU it put the fp32 plans
+# at 1.10-1.12x where they ran at 1.01-1.05x, the bf16 ones at 1.08-1.11x where they ran at 0.95-0.98x), so a
 # tight target: the plan takes the largest chunk the memory cap allows unless a smaller one is modelled at the floor
 CALIBRATION_ROWS = (64, 128, 256, 512, 1024, 2048)
 CALIBRATION_VOCAB = 1024  # W slice the calibration GEMMs run against
