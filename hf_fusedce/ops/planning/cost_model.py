@@ -41,18 +41,24 @@ TIME_TARGET = 1.10  # x floor: the default budget's modelled time, leaving room 
 
 
 @dataclass(frozen=True)
-class Estimate:
+class PlanTime:
+    """A chunk plan's modelled time against its floor; the CUDA and CPU estimates add their memory field."""
+
     budget_bytes: int
     chunks: int
     rows: int
     dw_dtype: str
     seconds: float
     floor_seconds: float
-    overhead_bytes: int
 
     @property
     def x_floor(self) -> float:
         return self.seconds / self.floor_seconds
+
+
+@dataclass(frozen=True)
+class Estimate(PlanTime):
+    overhead_bytes: int
 
 
 def estimate(n: int, d: int, v: int, dtype: torch.dtype, budget_bytes: int, gpu: Gpu = H100,

@@ -36,6 +36,7 @@ import torch
 
 from ..ce.autograd import dw_accumulator_dtype
 from .chunking import rows_per_chunk
+from .cost_model import PlanTime
 
 _MiB = 1 << 20
 ENV_CPU_PLAN = "HF_FUSEDCE_CPU_PLAN"  # measure (default) | profile | fixed
@@ -98,18 +99,8 @@ PROFILE = Machine(rates=(("float32", (251e9, 292e9, 291e9, 311e9, 315e9, 323e9))
 
 
 @dataclass(frozen=True)
-class CpuEstimate:
-    budget_bytes: int
-    chunks: int
-    rows: int
-    dw_dtype: str
-    seconds: float
-    floor_seconds: float
+class CpuEstimate(PlanTime):
     chunk_bytes: int
-
-    @property
-    def x_floor(self) -> float:
-        return self.seconds / self.floor_seconds
 
 
 def estimate(n: int, d: int, v: int, dtype: torch.dtype, budget_bytes: int, machine: Machine = PROFILE,
