@@ -157,3 +157,34 @@ def test_dw_precision_bench_table():
     table = dw_precision.to_markdown([result], {"device": "cpu", "torch": torch.__version__, "date": "today"})
     assert "fp32 acc (CUDA, emulated)" in table and "native / stock" in table
     assert table.count("2048 x 32 x 256") == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shift", ["saturated", "all_at_minus_cap"])
+def test_softcap_rows_without_a_row_max_at_the_bound(dtype, shift):
+    """Softcaps up to FIXED_SHIFT_MAX_SOFTCAP exponentiate the capped logits unshifted (mode "capped"); larger
+    ones, and soft targets, take the row-max path. At the bound, with logits saturated at +-c (exp's extremes:
+    e^40 per term, or every term e^-40 when all logits sit at -c), loss and gradients match float64 like the
+    general path's, and the two paths agree."""
+    import functools
+    from hf_fusedce.ops.ce import torch_impl
+    from hf_fusedce.ops.ce.spec import LossSpec
+    from hf_fusedce.testing import compare_to_reference, make_inputs
+    cap = torch_impl.FIXED_SHIFT_MAX_SOFTCAP
+    z = torch.zeros(2, 3, dtype=dtype)
+    assert torch_impl._write_mode(z, LossSpec(softcap=cap), 1) == "capped"
+    assert torch_impl._write_mode(z, LossSpec(softcap=cap + 0.5), 1) == "general"
+    assert torch_impl._write_mode(z, LossSpec(softcap=cap), 3) == "general"
+    vocab = 1031
+    h, w, t = make_inputs(157, vocab, 32, dtype, seed=5, ignore_ratio=0.1, scale=300.0)
+    bias = None
+    if shift == "all_at_minus_cap":
+        bias = torch.full((vocab,), -1e4, dtype=dtype, requires_grad=True)
+    fn = functools.partial(fused_linear_cross_entropy, backend="torch", chunk_budget_bytes=64 * vocab * 4)
+    kw = dict(softcap=cap, label_smoothing=0.1, z_loss=1e-4)
+    capped = compare_to_reference(fn, h, w, t, bias=bias, **kw)
+    general = compare_to_reference(fn, h, w, t, bias=bias, **dict(kw, softcap=cap + 1e-6))
+    assert rel_err(capped.loss, general.loss) < 1e-5
+    for name in ("hidden", "weight"):
+        assert rel_err(capped.grads[name].double(), general.grads[name].double()) < (1e-5 if dtype == torch.float32
+                                                                                     else 2e-2)

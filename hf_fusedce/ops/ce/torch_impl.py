@@ -30,6 +30,10 @@ from .spec import RowInputs, LossSpec
 # region's barrier waits for descheduled threads, and blocks of >= 32 rows were faster there.
 ROW_BLOCK_BYTES = 4 << 20
 ROW_BLOCK_MIN_ROWS = 1
+# Softcapped logits x = c tanh(.) lie in [-c, c]: for c <= 40, exp(x) is a normal float32 (e^-40 .. e^40) and a
+# row of a million of them sums far below float32's overflow, so the row max (two passes) is not needed. Gemma 2
+# uses c = 30. Larger caps take the general path.
+FIXED_SHIFT_MAX_SOFTCAP = 40.0
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:
@@ -113,8 +117,9 @@ def to_raw_grad_(g: torch.Tensor, z: torch.Tensor, tanh, spec: LossSpec) -> None
         z.copy_(g)
 
 
-def row_block_rows(z: torch.Tensor) -> int:
-    return min(z.shape[0], max(ROW_BLOCK_MIN_ROWS, ROW_BLOCK_BYTES // (4 * max(1, z.shape[1]))))
+def row_block_rows(z: torch.Tensor, buffers: int = 1) -> int:
+    """Rows per block: `buffers` float32 block buffers share ROW_BLOCK_BYTES."""
+    return min(z.shape[0], max(ROW_BLOCK_MIN_ROWS, ROW_BLOCK_BYTES // (4 * buffers * max(1, z.shape[1]))))
 
 
 @dataclass
@@ -139,11 +144,14 @@ class _ChunkRows:
 #              block and rounded once into z; the target entries rewritten once per chunk from their float32 value
 #              (adding -tau after the rounding would cancel p ~ 1).
 #   "inplace": a float32/64 chunk without softcap: p is z itself; the target term scatter-added once per chunk.
-#   "general": softcap (the chain rule needs the target term first) or soft targets on a low-precision chunk.
-# In the first two, dL/dz = logit_scale * dL/dx is folded into the terms.
+#   "capped":  softcap <= FIXED_SHIFT_MAX_SOFTCAP, one id per row: the capped logits are bounded, so exp(x) needs
+#              no row max (see _capped_block_rows); the target entries are rewritten per chunk as in "rounded".
+#   "general": a larger softcap (the chain rule needs the target term first) or soft targets on a low-precision
+#              chunk.
+# In the first three, dL/dz = logit_scale * dL/dx is folded into the terms.
 def _write_mode(z: torch.Tensor, spec: LossSpec, k: int) -> str:
     if spec.softcap is not None:
-        return "general"
+        return "capped" if spec.softcap <= FIXED_SHIFT_MAX_SOFTCAP and k == 1 else "general"
     if not is_low_precision(z.dtype):
         return "inplace"
     return "rounded" if k == 1 else "general"
@@ -186,16 +194,21 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     eps, k = spec.label_smoothing, rows.ids.shape[1]
     tau_sum = rows.probs.sum(1)
     stats = _ChunkRows.empty(n, k, torch.promote_types(z.dtype, torch.float32), z.device, bool(eps))
-    grad = None
-    if compute_grad:
-        grad = _GradTerms.build(_write_mode(z, spec, k), rows, tau_sum, spec, vocab)
-    block = row_block_rows(z)
+    mode = _write_mode(z, spec, k)
+    grad = _GradTerms.build(mode, rows, tau_sum, spec, vocab) if compute_grad else None
+    capped = mode == "capped"
+    block = row_block_rows(z, buffers=max(1, is_low_precision(z.dtype) + (spec.softcap is not None)))
     scratch = Scratch(block, z)
+    block_fn = _block_rows
+    if capped:  # shift by 0 (z-loss reads the row max in the blocks)
+        block_fn = _capped_block_rows
+        stats.row_max.zero_()
     for start in range(0, n, block):
         sl = slice(start, min(start + block, n))
-        _block_rows(z[sl], sl, rows.ids[sl], spec, stats, grad, scratch)
+        block_fn(z[sl], sl, rows.ids[sl], spec, stats, grad, scratch)
+    target_tanh = _capped_to_shifted(stats, spec.softcap) if capped else None
     if grad is not None and grad.mode != "general":
-        _add_target_terms(z, rows.ids, stats, grad)
+        _add_target_terms(z, rows.ids, stats, grad, target_tanh)
     log_sum = stats.sum_exp.log()
     tau_dot_gap = (rows.probs * stats.target_x).sum(1).neg_()  # sum_k tau_k (max - x_k) >= 0
     mean_gap = stats.mean_shifted.neg() if eps else None
@@ -228,14 +241,51 @@ def _block_rows(zb, sl, ids, spec, stats, grad, scratch):
         zb.copy_(p)  # not torch.mul(..., out=zb): a float32 op with a bf16 out= goes through a temporary, 10x slower
 
 
-def _add_target_terms(z, ids, stats: _ChunkRows, grad: _GradTerms):
-    """The target term at the ids, once per chunk. "rounded": the entries recomputed in float32 from the stored
-    shifted logits (exp of the same value the block exponentiated) and rounded once."""
+def _capped_block_rows(zb, sl, ids, spec, stats, grad, scratch):
+    """_block_rows for mode "capped": t = tanh(scale z / c) and e = exp(c t) (no row max: FIXED_SHIFT_MAX_SOFTCAP);
+    stats get t at the ids and mean t (scaled by c per chunk, _capped_to_shifted); with `grad`, zb gets
+    (factor e + shift) (1 - t^2). Eight passes over the block where the general path makes fourteen."""
+    t = scratch("x", zb.shape[0]).copy_(zb) if is_low_precision(zb.dtype) else zb
+    t.mul_(spec.logit_scale / spec.softcap).tanh_()
+    e = torch.mul(t, spec.softcap, out=scratch("exp", zb.shape[0])).exp_()
+    torch.sum(e, 1, out=stats.sum_exp[sl])
+    torch.gather(t, 1, ids, out=stats.target_x[sl])
+    if stats.mean_shifted is not None:
+        torch.mean(t, 1, out=stats.mean_shifted[sl])
+    if grad is None:
+        return
+    factor = grad.factor(sl, stats)[:, None]
+    if grad.shift is None:
+        e.mul_(factor)
+    else:
+        torch.addcmul(grad.shift[sl, None], e, factor, out=e)
+    t_sq = t.square_()
+    torch.addcmul(e, e, t_sq, value=-1.0, out=t_sq)  # g (1 - t^2): the chain rule through tanh, one pass
+    if t_sq is not zb:
+        zb.copy_(t_sq)
+
+
+def _capped_to_shifted(stats: _ChunkRows, softcap: float) -> torch.Tensor:
+    """Mode "capped" leaves tanh values in stats: make them the capped logits (shifted by 0, the row max the loss
+    formulas read); returns tanh at the ids for the target terms' chain rule."""
+    target_tanh = stats.target_x.clone()
+    stats.target_x.mul_(softcap)
+    if stats.mean_shifted is not None:
+        stats.mean_shifted.mul_(softcap)
+    return target_tanh
+
+
+def _add_target_terms(z, ids, stats: _ChunkRows, grad: _GradTerms, target_tanh=None):
+    """The target term at the ids, once per chunk. "rounded" and "capped": the entries recomputed in float32 from
+    the stored shifted logits (exp of the same value the block exponentiated; times 1 - tanh^2 when capped) and
+    rounded once."""
     if grad.mode == "inplace":
         z.scatter_add_(1, ids, grad.target)
         return
     at_target = stats.target_x.exp().mul_(grad.factor(slice(None), stats)[:, None]).add_(grad.target)
     if grad.shift is not None:
         at_target.add_(grad.shift[:, None])
+    if target_tanh is not None:
+        at_target.mul_(target_tanh.square().neg_().add_(1.0))
     rows = torch.arange(z.shape[0], device=z.device)
     z.index_put_((rows, ids[:, 0]), at_target[:, 0].to(z.dtype))  # bf16 scatter_ copies the whole chunk (225 ms)
