@@ -144,3 +144,18 @@ def test_memory_cap_is_a_fifth_of_the_logits_where_the_gradients_are_large():
     assert cp.memory_cap(n, 32000, F32, 512) == n * 32000 * 4 // 8
     assert cp.memory_cap(n, 32000, F32) == n * 32000 * 4 // 8  # no D given: the stricter bound
     assert cp.memory_cap(n, 256000, F32, 2304) == cp.MAX_BUDGET_BYTES  # a fifth would be 839 MB
+
+
+def test_a_curve_measured_at_the_calls_width_is_read_as_measured():
+    """The bf16 BLAS is not monotone in the rows: at Gemma-2-2B's D its GEMMs ran slower at 2048 rows than at
+    1024 (the curve below, calibrated on the project's CPU, 2026-12-05; 1408-row chunks ran 1.06x the floor's
+    GEMM time, 1024-row ones 0.97x). Read as measured, the plan takes 1024-row chunks; read on its rising
+    envelope (as the stored profile is) it would take the largest chunk the memory cap allows."""
+    rates = (("bfloat16", (725e9, 1080e9, 1640e9, 1886e9, 1935e9, 1715e9)),
+             ("float32", (287e9, 325e9, 337e9, 360e9, 347e9, 351e9)))
+    measured = cp.Machine(rates, 39.5e9, "measured")
+    assert cp.choose(4096, 2304, 256000, BF16, measured).rows == 1024
+    enveloped = cp.Machine(rates, 39.5e9, "profile", envelope=True)
+    largest = max(cp.estimate(4096, 2304, 256000, BF16, b).rows for b in cp.candidates(4096, 256000, BF16, 2304))
+    assert cp.choose(4096, 2304, 256000, BF16, enveloped).rows == largest == 1408
+    assert measured.floor_rate(BF16, 4096) == enveloped.floor_rate(BF16, 4096) == 1935e9  # the best measured

@@ -56,35 +56,47 @@ TIME_TARGET = 1.02  # x the modelled floor. The model is rough (at N=4096 on the
 # tight target: the plan takes the largest chunk the memory cap allows unless a smaller one is modelled at the floor
 CALIBRATION_ROWS = (64, 128, 256, 512, 1024, 2048)
 CALIBRATION_VOCAB = 1024  # W slice the calibration GEMMs run against
-CALIBRATE_RATIO = 30  # calibrate only for calls >= 30x the calibration's FLOPs (it costs < ~3% of the call, once)
+CALIBRATE_RATIO = 15  # calibrate only for calls >= 15x the calibration's FLOPs (< ~7% of one call, once a process)
+CALIBRATION_REPEATS = 3  # best of three per point: the curve is read as measured, a noisy dip would count
 
 
 @dataclass(frozen=True)
 class Machine:
-    """BLAS FLOP/s at CALIBRATION_ROWS rows per dtype name (three GEMMs of a chunk), and memory bytes/s."""
+    """BLAS FLOP/s at CALIBRATION_ROWS rows per dtype name (three GEMMs of a chunk), and memory bytes/s.
+    `envelope`: read the curve on its rising envelope (the stored PROFILE: measured at another D, its dips say
+    nothing about this call's); a curve measured at the call's own D is read as measured (see rate)."""
 
     rates: tuple[tuple[str, tuple[float, ...]], ...]
     bandwidth: float
     source: str
+    envelope: bool = False
 
     def rate(self, dtype: torch.dtype, rows: int) -> float:
-        """FLOP/s at `rows` rows on the curve's rising envelope: a GEMM with more rows is never slower per FLOP
-        on this BLAS, so a dip in a calibration (a few ms per point; seen: bf16 1542 GFLOP/s at 512 rows, 1244 at
-        1024) is noise, and must not make small chunks look faster (it picked 256-row chunks at Gemma-2-2B fp32:
-        1.15x the floor)."""
-        table = dict(self.rates)
-        curve = list(itertools.accumulate(table.get(_name(dtype)) or table["float32"], max))
-        if rows <= CALIBRATION_ROWS[0]:  # below the smallest measured row count: rate ~ proportional to rows
-            return curve[0] * rows / CALIBRATION_ROWS[0]
-        for (r0, g0), (r1, g1) in zip(zip(CALIBRATION_ROWS, curve), zip(CALIBRATION_ROWS[1:], curve[1:])):
-            if rows <= r1:  # linear in log2(rows) between measured points
-                f = math.log2(rows / r0) / math.log2(r1 / r0)
-                return g0 + f * (g1 - g0)
-        return curve[-1]
+        """FLOP/s at `rows` rows. The BLAS is not monotone in the rows: its bf16 GEMM 3 (dW += g^T h, K = rows)
+        ran 1.15-1.3x faster at K=512 and 1024 than at 768, 1408 or 2048 (project CPU, D=896-3584, 2026-12-05),
+        so a curve measured at the call's D is read as it is; the stored profile on its rising envelope (a dip
+        there once picked 256-row chunks at Gemma-2-2B fp32: 1.15x the floor)."""
+        return _on_curve(self._curve(dtype, self.envelope), rows)
 
     def floor_rate(self, dtype: torch.dtype, rows: int) -> float:
-        """The unchunked GEMMs' rate: the envelope at the call's own row count (capped at the largest measured)."""
-        return max(self.rate(dtype, rows), 1.0)
+        """The unchunked GEMMs' rate: the best measured up to the call's own row count (the envelope), as the
+        benchmark's floor is the best the BLAS does."""
+        return max(_on_curve(self._curve(dtype, True), rows), 1.0)
+
+    def _curve(self, dtype: torch.dtype, envelope: bool) -> list[float]:
+        table = dict(self.rates)
+        curve = table.get(_name(dtype)) or table["float32"]
+        return list(itertools.accumulate(curve, max)) if envelope else list(curve)
+
+
+def _on_curve(curve: list[float], rows: int) -> float:
+    """Linear in log2(rows) between CALIBRATION_ROWS; proportional to rows below the first; flat past the last."""
+    if rows <= CALIBRATION_ROWS[0]:
+        return curve[0] * rows / CALIBRATION_ROWS[0]
+    for (r0, g0), (r1, g1) in zip(zip(CALIBRATION_ROWS, curve), zip(CALIBRATION_ROWS[1:], curve[1:])):
+        if rows <= r1:
+            return g0 + math.log2(rows / r0) / math.log2(r1 / r0) * (g1 - g0)
+    return curve[-1]
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -95,7 +107,7 @@ def _name(dtype: torch.dtype) -> str:
 # r rows against a D=896 weight slice (measured_machine), best of 4 calibrations (single ones scatter by ~20%).
 PROFILE = Machine(rates=(("float32", (251e9, 292e9, 291e9, 311e9, 315e9, 323e9)),
                          ("bfloat16", (714e9, 944e9, 1349e9, 1707e9, 1212e9, 1658e9))),
-                  bandwidth=39.5e9, source="profile (project CPU, 2026-12-05)")
+                  bandwidth=39.5e9, source="profile (project CPU, 2026-12-05)", envelope=True)
 
 
 @dataclass(frozen=True)
@@ -187,12 +199,12 @@ def _calibrated_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 
 
 def calibration_flops(d: int, dtype: torch.dtype) -> int:
-    return 2 * 6 * sum(CALIBRATION_ROWS) * d * CALIBRATION_VOCAB * len(_calibrated_dtypes(dtype))
+    return CALIBRATION_REPEATS * 6 * sum(CALIBRATION_ROWS) * d * CALIBRATION_VOCAB * len(_calibrated_dtypes(dtype))
 
 
 @functools.lru_cache(maxsize=32)
 def measured_machine(dtype: torch.dtype, d: int) -> Machine:
-    """Time the three GEMMs of a chunk at each CALIBRATION_ROWS (best of two; one warm-up per dtype) for the chunk
+    """Time the three GEMMs of a chunk at each CALIBRATION_ROWS (best of CALIBRATION_REPEATS; one warm-up per dtype) for the chunk
     dtype (and fp32, the rate of GEMM 3 with an fp32 accumulator), and a streaming add for the bandwidth."""
     gen = torch.Generator().manual_seed(0)
     rates = []
@@ -203,7 +215,7 @@ def measured_machine(dtype: torch.dtype, d: int) -> Machine:
         for r in CALIBRATION_ROWS:
             h = torch.randn(r, d, generator=gen).to(dt)
             best = math.inf
-            for _ in range(2):
+            for _ in range(CALIBRATION_REPEATS):
                 t0 = time.perf_counter()
                 z = h @ w.t()
                 _ = z @ w, z.t() @ h
