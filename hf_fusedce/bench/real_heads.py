@@ -175,17 +175,21 @@ def cuda_model_table(shapes, ns=CUDA_NS, policies=("auto", "native")) -> str:
 
 
 def cpu_plan_table(cells) -> str:
-    """Markdown: the CPU plan (ops/planning/cpu_plan.py, stored profile) for each cell, vs the old fixed 32 MiB."""
+    """Markdown: the CPU plan (ops/planning/cpu_plan.py) for each cell as this process ran it (the machine it
+    measured, cached from the run), the stored profile's pick, and the old fixed 32 MiB."""
     from hf_fusedce.ops.planning import cpu_plan as cp
 
-    lines = ["### CPU plan per cell (ops/planning/cpu_plan.py; modelled with the stored profile, the measured machine "
-             "may pick differently)", "",
-             "| head | dtype | N | budget MiB | chunks x rows | dW acc | chunk MiB | model x floor | "
-             "old 32 MiB: rows, model x floor |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["### CPU plan per cell (ops/planning/cpu_plan.py): as run in this process, and from the stored profile",
+             "", "| head | dtype | N | machine | budget MiB | chunks x rows | dW acc | chunk MiB | model x floor | "
+             "stored profile: chunks x rows | old 32 MiB: rows, model x floor |",
+             "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for dt_key, shape, n in cells:
         dtype = DTYPE_MODES[dt_key].compute_dtype
-        e = cp.choose(n, shape.d, shape.v, dtype)
+        machine = cp.machine_for(n, shape.d, shape.v, dtype)
+        e = cp.choose(n, shape.d, shape.v, dtype, machine)
+        stored = cp.choose(n, shape.d, shape.v, dtype)
         old = cp.estimate(n, shape.d, shape.v, dtype, cp.FIXED_BUDGET_BYTES)
-        lines.append(f"| {shape.name} | {dt_key} | {n} | {e.budget_bytes / 2**20:.0f} | {e.chunks} x {e.rows} | "
-                     f"{e.dw_dtype} | {e.chunk_bytes / 2**20:.0f} | {e.x_floor:.2f} | {old.rows}, {old.x_floor:.2f} |")
+        lines.append(f"| {shape.name} | {dt_key} | {n} | {machine.source} | {e.budget_bytes / 2**20:.0f} | "
+                     f"{e.chunks} x {e.rows} | {e.dw_dtype} | {e.chunk_bytes / 2**20:.0f} | {e.x_floor:.2f} | "
+                     f"{stored.chunks} x {stored.rows} | {old.rows}, {old.x_floor:.2f} |")
     return "\n".join(lines) + "\n"

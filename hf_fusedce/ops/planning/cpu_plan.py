@@ -179,14 +179,18 @@ def plan_mode() -> str:
 
 def default_budget(n: int, d: int, v: int, dtype: torch.dtype, dw_accumulation: str = "auto") -> int:
     """The CPU default chunk budget for this call (see the module docstring)."""
-    mode = plan_mode()
-    if mode == "fixed" or n * v * (torch.finfo(dtype).bits // 8) <= FIXED_BUDGET_BYTES:
+    if plan_mode() == "fixed" or n * v * (torch.finfo(dtype).bits // 8) <= FIXED_BUDGET_BYTES:
         return FIXED_BUDGET_BYTES  # one chunk either way: nothing to plan
-    machine = PROFILE
-    if mode == "measure" and not torch.compiler.is_compiling() and 6 * n * d * v >= CALIBRATE_RATIO * \
+    return _choose_cached(n, d, v, dtype, machine_for(n, d, v, dtype), dw_accumulation)
+
+
+def machine_for(n: int, d: int, v: int, dtype: torch.dtype) -> Machine:
+    """The machine the plan reads for this call: this CPU, measured (once per process and (dtype, D)) for big
+    enough calls in mode "measure"; else the stored PROFILE."""
+    if plan_mode() == "measure" and not torch.compiler.is_compiling() and 6 * n * d * v >= CALIBRATE_RATIO * \
             calibration_flops(d, dtype):
-        machine = measured_machine(dtype, d)
-    return _choose_cached(n, d, v, dtype, machine, dw_accumulation)
+        return measured_machine(dtype, d)
+    return PROFILE
 
 
 @functools.lru_cache(maxsize=256)
