@@ -74,14 +74,27 @@ def test_small_calls_keep_the_old_budget_and_never_calibrate(monkeypatch):
 def test_big_calls_calibrate_once(monkeypatch):
     calls = []
 
-    def fake(dtype, d):
-        calls.append((dtype, d))
+    def fake(dtype, d, rows):
+        calls.append((dtype, d, rows))
         return cp.PROFILE
 
     monkeypatch.setattr(cp, "measured_machine", fake)
     cp._choose_cached.cache_clear()
     assert cp.default_budget(4096, 896, 151936, F32) == cp.choose(4096, 896, 151936, F32).budget_bytes
-    assert calls == [(F32, 896)]
+    assert calls == [(F32, 896, cp.candidate_rows(4096, 151936, F32, 896))]
+    assert calls[0][2][:3] == (55, 82, 108) and 512 in calls[0][2]  # the rows the candidate budgets would run
+
+
+def test_the_calibration_times_each_row_count_once_per_process():
+    """A call's candidate rows are timed exactly (rates between grid points are not linear); a later call with
+    other rows times only the new ones."""
+    before = cp._gemm_rate.cache_info().misses
+    first = cp.measured_machine(F32, 24, (384, 1408))
+    assert first.points == tuple(sorted(cp.CALIBRATION_ROWS + (384, 1408)))
+    assert cp._gemm_rate.cache_info().misses - before == len(first.points)
+    again = cp.measured_machine(F32, 24, (384, 640))
+    assert cp._gemm_rate.cache_info().misses - before == len(first.points) + 1  # only 640 is new
+    assert again.rate(F32, 384) == first.rate(F32, 384) > 0
 
 
 def test_env_modes(monkeypatch):

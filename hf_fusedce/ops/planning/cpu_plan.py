@@ -70,18 +70,19 @@ class Machine:
     bandwidth: float
     source: str
     envelope: bool = False
+    points: tuple[int, ...] = CALIBRATION_ROWS  # the row counts the rates were measured at, ascending
 
     def rate(self, dtype: torch.dtype, rows: int) -> float:
         """FLOP/s at `rows` rows. The BLAS is not monotone in the rows: its bf16 GEMM 3 (dW += g^T h, K = rows)
         ran 1.15-1.3x faster at K=512 and 1024 than at 768, 1408 or 2048 (project CPU, D=896-3584, 2026-12-05),
         so a curve measured at the call's D is read as it is; the stored profile on its rising envelope (a dip
         there once picked 256-row chunks at Gemma-2-2B fp32: 1.15x the floor)."""
-        return _on_curve(self._curve(dtype, self.envelope), rows)
+        return _on_curve(self.points, self._curve(dtype, self.envelope), rows)
 
     def floor_rate(self, dtype: torch.dtype, rows: int) -> float:
         """The unchunked GEMMs' rate: the best measured up to the call's own row count (the envelope), as the
         benchmark's floor is the best the BLAS does."""
-        return max(_on_curve(self._curve(dtype, True), rows), 1.0)
+        return max(_on_curve(self.points, self._curve(dtype, True), rows), 1.0)
 
     def _curve(self, dtype: torch.dtype, envelope: bool) -> list[float]:
         table = dict(self.rates)
@@ -89,11 +90,11 @@ class Machine:
         return list(itertools.accumulate(curve, max)) if envelope else list(curve)
 
 
-def _on_curve(curve: list[float], rows: int) -> float:
-    """Linear in log2(rows) between CALIBRATION_ROWS; proportional to rows below the first; flat past the last."""
-    if rows <= CALIBRATION_ROWS[0]:
-        return curve[0] * rows / CALIBRATION_ROWS[0]
-    for (r0, g0), (r1, g1) in zip(zip(CALIBRATION_ROWS, curve), zip(CALIBRATION_ROWS[1:], curve[1:])):
+def _on_curve(points: tuple[int, ...], curve: list[float], rows: int) -> float:
+    """Linear in log2(rows) between measured points; proportional to rows below the first; flat past the last."""
+    if rows <= points[0]:
+        return curve[0] * rows / points[0]
+    for (r0, g0), (r1, g1) in zip(zip(points, curve), zip(points[1:], curve[1:])):
         if rows <= r1:
             return g0 + math.log2(rows / r0) / math.log2(r1 / r0) * (g1 - g0)
     return curve[-1]
@@ -189,8 +190,15 @@ def machine_for(n: int, d: int, v: int, dtype: torch.dtype) -> Machine:
     enough calls in mode "measure"; else the stored PROFILE."""
     if plan_mode() == "measure" and not torch.compiler.is_compiling() and 6 * n * d * v >= CALIBRATE_RATIO * \
             calibration_flops(d, dtype):
-        return measured_machine(dtype, d)
+        return measured_machine(dtype, d, candidate_rows(n, v, dtype, d))
     return PROFILE
+
+
+def candidate_rows(n: int, v: int, dtype: torch.dtype, d: int | None = None) -> tuple[int, ...]:
+    """The rows per chunk the candidate budgets give this call: the plan's measured machine times these exactly
+    (rates between grid points are not linear: see Machine.rate)."""
+    s = torch.finfo(dtype).bits // 8
+    return tuple(sorted({rows_per_chunk(n, v, s, b) for b in candidates(n, v, dtype, d)}))
 
 
 @functools.lru_cache(maxsize=256)
@@ -206,29 +214,39 @@ def calibration_flops(d: int, dtype: torch.dtype) -> int:
     return CALIBRATION_REPEATS * 6 * sum(CALIBRATION_ROWS) * d * CALIBRATION_VOCAB * len(_calibrated_dtypes(dtype))
 
 
+def measured_machine(dtype: torch.dtype, d: int, rows: tuple[int, ...] = ()) -> Machine:
+    """This CPU at CALIBRATION_ROWS and `rows` (the call's candidates): the three GEMMs of a chunk for the chunk
+    dtype (and fp32, the rate of GEMM 3 with an fp32 accumulator), and a streaming add for the bandwidth. Each
+    (dtype, D, rows) point is measured once per process: calls with new candidate rows time only those."""
+    points = tuple(sorted(set(CALIBRATION_ROWS) | set(rows)))
+    rates = tuple((_name(dt), tuple(_gemm_rate(dt, d, r) for r in points)) for dt in _calibrated_dtypes(dtype))
+    return Machine(rates, _bandwidth(), "measured", points=points)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemm_rate(dtype: torch.dtype, d: int, rows: int) -> float:
+    """FLOP/s of the three GEMMs of an r-row chunk against a CALIBRATION_VOCAB-row weight slice, best of
+    CALIBRATION_REPEATS (after one warm-up per dtype and D: threads, BLAS init)."""
+    gen = torch.Generator().manual_seed(rows)
+    w = _calibration_weight(dtype, d)
+    h = torch.randn(rows, d, generator=gen).to(dtype)
+    best = math.inf
+    for _ in range(CALIBRATION_REPEATS):
+        t0 = time.perf_counter()
+        z = h @ w.t()
+        _ = z @ w, z.t() @ h
+        best = min(best, time.perf_counter() - t0)
+    return 6 * rows * d * CALIBRATION_VOCAB / best
+
+
 @functools.lru_cache(maxsize=32)
-def measured_machine(dtype: torch.dtype, d: int) -> Machine:
-    """Time the three GEMMs of a chunk at each CALIBRATION_ROWS (best of CALIBRATION_REPEATS; one warm-up per dtype) for the chunk
-    dtype (and fp32, the rate of GEMM 3 with an fp32 accumulator), and a streaming add for the bandwidth."""
-    gen = torch.Generator().manual_seed(0)
-    rates = []
-    for dt in _calibrated_dtypes(dtype):
-        w = torch.randn(CALIBRATION_VOCAB, d, generator=gen).to(dt)
-        curve = []
-        _ = torch.randn(CALIBRATION_ROWS[0], d, generator=gen).to(dt) @ w.t()  # warm-up: threads, BLAS init
-        for r in CALIBRATION_ROWS:
-            h = torch.randn(r, d, generator=gen).to(dt)
-            best = math.inf
-            for _ in range(CALIBRATION_REPEATS):
-                t0 = time.perf_counter()
-                z = h @ w.t()
-                _ = z @ w, z.t() @ h
-                best = min(best, time.perf_counter() - t0)
-            curve.append(6 * r * d * CALIBRATION_VOCAB / best)
-        rates.append((_name(dt), tuple(curve)))
-    return Machine(tuple(rates), _bandwidth(), "measured")
+def _calibration_weight(dtype: torch.dtype, d: int) -> torch.Tensor:
+    w = torch.randn(CALIBRATION_VOCAB, d, generator=torch.Generator().manual_seed(0)).to(dtype)
+    _ = torch.randn(CALIBRATION_ROWS[0], d).to(dtype) @ w.t()  # warm-up
+    return w
 
 
+@functools.lru_cache(maxsize=1)
 def _bandwidth(nbytes: int = 128 * _MiB) -> float:
     x, y = torch.ones(nbytes // 4), torch.ones(nbytes // 4)
     best = math.inf
