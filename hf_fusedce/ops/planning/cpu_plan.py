@@ -18,8 +18,9 @@ none is), never above MAX_BUDGET_BYTES nor a fifth of the call's fp32 logits (an
 gradients are small beside its logits; never below the old 32 MiB default): the head's extra memory stays a chunk of at most 768 MiB plus per-row vectors, whatever N. So few tokens
 (N=1024 at V=151936 fp32: 128 rows) stay short of the floor: memory first; an explicit budget buys the speed.
 
-The machine is measured once per process and (dtype, D) (~0.1-1.5 s), and only for calls at least
-CALIBRATE_RATIO times the calibration's own work; smaller calls, calls under torch.compile and HF_FUSEDCE_CPU_PLAN=profile use
+The machine is measured once per process and (dtype, D, rows): the grid and the rows this call's candidates
+would run (~0.5-2.3 s for a head's first big call), and only for calls at least CALIBRATE_RATIO times the
+grid's work; smaller calls, calls under torch.compile and HF_FUSEDCE_CPU_PLAN=profile use
 PROFILE, the numbers measured on the project's 2-core CPU (2026-12-05). HF_FUSEDCE_CPU_PLAN=fixed restores the
 constant 32 MiB budget. An explicit chunk_budget_bytes or HF_FUSEDCE_CHUNK_BUDGET_MB still wins over all this.
 """
