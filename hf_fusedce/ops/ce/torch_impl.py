@@ -222,23 +222,32 @@ def _block_rows(zb, sl, ids, spec, stats, grad, scratch):
     x, tanh = transform_(zb, spec, scratch)
     row_max = torch.amax(x, 1, out=stats.row_max[sl]).nan_to_num_(0.0, 0.0, 0.0)  # all -inf rows: shift by 0
     x.sub_(row_max[:, None])  # shifted logits: the terms below never subtract two large numbers
-    torch.gather(x, 1, ids, out=stats.target_x[sl])
-    if stats.mean_shifted is not None:
-        torch.mean(x, 1, out=stats.mean_shifted[sl])
+    _record_targets_and_mean(x, sl, ids, stats)
     p = x.exp_()  # unnormalized: 1/S goes into the factor. Never exp(x - lse): lse's rounding would dominate p ~ 1
     torch.sum(p, 1, out=stats.sum_exp[sl])
     if grad is None:
         return
-    factor = grad.factor(sl, stats)[:, None]
-    if grad.shift is None:
-        p.mul_(factor)
-    else:
-        torch.addcmul(grad.shift[sl, None], p, factor, out=p)  # in place, one pass
+    _scale_by_factor_(p, sl, stats, grad)
     if grad.mode == "general":
         p.scatter_add_(1, ids, grad.target[sl])
         to_raw_grad_(p, zb, tanh, spec)
     elif grad.mode == "rounded":
         zb.copy_(p)  # not torch.mul(..., out=zb): a float32 op with a bf16 out= goes through a temporary, 10x slower
+
+
+def _record_targets_and_mean(x, sl, ids, stats: _ChunkRows) -> None:
+    torch.gather(x, 1, ids, out=stats.target_x[sl])
+    if stats.mean_shifted is not None:
+        torch.mean(x, 1, out=stats.mean_shifted[sl])
+
+
+def _scale_by_factor_(p, sl, stats: _ChunkRows, grad: _GradTerms) -> None:
+    """p <- factor p (+ shift) per row, in place, one pass."""
+    factor = grad.factor(sl, stats)[:, None]
+    if grad.shift is None:
+        p.mul_(factor)
+    else:
+        torch.addcmul(grad.shift[sl, None], p, factor, out=p)
 
 
 def _capped_block_rows(zb, sl, ids, spec, stats, grad, scratch):
@@ -249,16 +258,10 @@ def _capped_block_rows(zb, sl, ids, spec, stats, grad, scratch):
     t.mul_(spec.logit_scale / spec.softcap).tanh_()
     e = torch.mul(t, spec.softcap, out=scratch("exp", zb.shape[0])).exp_()
     torch.sum(e, 1, out=stats.sum_exp[sl])
-    torch.gather(t, 1, ids, out=stats.target_x[sl])
-    if stats.mean_shifted is not None:
-        torch.mean(t, 1, out=stats.mean_shifted[sl])
+    _record_targets_and_mean(t, sl, ids, stats)
     if grad is None:
         return
-    factor = grad.factor(sl, stats)[:, None]
-    if grad.shift is None:
-        e.mul_(factor)
-    else:
-        torch.addcmul(grad.shift[sl, None], e, factor, out=e)
+    _scale_by_factor_(e, sl, stats, grad)
     t_sq = t.square_()
     torch.addcmul(e, e, t_sq, value=-1.0, out=t_sq)  # g (1 - t^2): the chain rule through tanh, one pass
     if t_sq is not zb:
