@@ -146,7 +146,9 @@ def write_markdown(doc: dict, out_dir: str) -> str:
         f"- device: {env.get('device')}  \n- date: {env.get('date')}  \n"
         f"- torch {env.get('torch')}, cuda {env.get('cuda')}, triton {env.get('triton')}, "
         f"transformers {env.get('transformers')}, liger-kernel {env.get('liger_kernel')}, "
-        f"cut-cross-entropy {env.get('cut_cross_entropy')}  \n"
+        f"cut-cross-entropy {env.get('cut_cross_entropy')}"
+        + (f", native CPU softcap rows: {env['cpu_native_softcap_rows']}" if env.get("cpu_native_softcap_rows") else "")
+        + "  \n"
         f"- command: `{' '.join(doc.get('command', []))}`",
         "Time: forward+backward, median of the repeats (CUDA events on GPU, perf_counter on CPU). "
         "x floor: time over 6*N*D*V FLOPs at the best rate of the N x D x V GEMM (timed in row blocks of 256, "

@@ -100,9 +100,15 @@ def environment(device: torch.device) -> dict:
         "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
         "cut_cross_entropy": _version("cut-cross-entropy") or _version("cut_cross_entropy"),
         "hf_fusedce": _version("hf_fusedce"),
+        "cpu_native_softcap_rows": _cpu_native_status() if device.type == "cpu" else None,
         # CPU timings on a shared machine are only as good as its load: recorded so a reader can judge
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def _cpu_native_status() -> str:
+    from hf_fusedce.ops.ce import cpu_native
+    return cpu_native.status()
 
 
 def make_inputs(shape: Shape, n: int, mode: DtypeMode, device: torch.device, seed: int):

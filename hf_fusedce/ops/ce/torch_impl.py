@@ -2,7 +2,8 @@
 
 This is the `torch` backend's row kernel and the readable twin of `triton_impl.ce_rows`: both take a chunk of
 raw logits z = W h + b (any float dtype), compute per-row loss in float32, and, when asked,
-overwrite the chunk in place with the gradient of (row_scale * loss) with respect to the raw logits.
+overwrite the chunk in place with the gradient of (row_scale * loss) with respect to the raw logits. Softcapped
+rows (mode "capped") have a native twin, cpu_native.py, used when it builds on this machine.
 
 Per row t with target ids k, probabilities tau_k (one-hot: one id, tau=1), smoothing eps, z-loss c, weight w:
     x      = softcap * tanh(scale * z / softcap)          (or scale * z)
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_native
 from .spec import RowInputs, LossSpec
 
 # A chunk is worked on in row blocks of about ROW_BLOCK_BYTES of float32: each block's float32 buffers (the copy
@@ -203,9 +205,13 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     if capped:  # shift by 0 (z-loss reads the row max in the blocks)
         block_fn = _capped_block_rows
         stats.row_max.zero_()
-    for start in range(0, n, block):
-        sl = slice(start, min(start + block, n))
-        block_fn(z[sl], sl, rows.ids[sl], spec, stats, grad, scratch)
+    if capped and cpu_native.supports(z, rows.ids):  # the same math in one native call (cpu_native.py)
+        cpu_native.capped_rows(z, rows.ids, spec.logit_scale / spec.softcap, spec.softcap, stats.sum_exp,
+                               stats.target_x, stats.mean_shifted, grad)
+    else:
+        for start in range(0, n, block):
+            sl = slice(start, min(start + block, n))
+            block_fn(z[sl], sl, rows.ids[sl], spec, stats, grad, scratch)
     target_tanh = _capped_to_shifted(stats, spec.softcap) if capped else None
     if grad is not None and grad.mode != "general":
         _add_target_terms(z, rows.ids, stats, grad, target_tanh)
