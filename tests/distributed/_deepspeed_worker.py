@@ -25,8 +25,8 @@ from torch.utils.data import SequentialSampler
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_fusedce.testing import tiny_llama
+from _trainer_worker import VOCAB, samples  # the same data as the DDP/FSDP runs (this folder is on sys.path)
 
-VOCAB, SEQ, N_SAMPLES = 96, 10, 16
 PER_DEVICE, GRAD_ACC, STEPS = 2, 2, 2
 
 # case -> (trainer, tied, built under zero.Init, adapter, ZeRO stage, parameter offload)
@@ -50,20 +50,6 @@ def ds_config(stage: int, offload: bool) -> dict:
         zero["offload_param"] = {"device": "cpu"}
     return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
-
-
-def samples() -> list[dict]:
-    """As tests/distributed/_trainer_worker.py: rank 1's first micro-batch has every label ignored."""
-    g = torch.Generator().manual_seed(123)
-    out = []
-    for i in range(N_SAMPLES):
-        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
-        labels = ids.clone()
-        labels[: (i * 3) % (SEQ - 2)] = -100
-        if i in (2, 3):
-            labels[:] = -100
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(SEQ, dtype=torch.long)})
-    return out
 
 
 class Recorder(Trainer):
