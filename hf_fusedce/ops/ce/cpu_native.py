@@ -29,7 +29,6 @@ import torch
 
 ENV_NATIVE = "HF_FUSEDCE_CPU_NATIVE"
 SOURCE = Path(__file__).with_name("capped_rows.c")
-_VFUN = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
 def enabled() -> bool:
