@@ -61,6 +61,7 @@ ministral3 mistral mllama modernbert-decoder moshi moss_transcribe_diarize mpt n
 olmo3 olmo_hybrid openai-gpt opt persimmon phi phi3 phi4_multimodal qwen2 qwen3 qwen3_5 qwen3_5_text reformer
 rembert roberta roberta-prelayernorm roc_bert roformer rwkv seed_oss smollm3 solar_open stablelm starcoder2
 xglm xlm-roberta xlm-roberta-xl xmod youtu zamba zamba2 zaya
+apertus1p5_text ergo exaone kolibri1_1 minicpm5_moe param2moe sarvam_mla sarvam_moe
 """.split()
 
 _SOFTCAP_TYPES = """beam gemma2 gemma3_text gemma3n gemma3n_text gemma4 gemma4_text gemma4_unified
@@ -68,7 +69,7 @@ gemma4_unified_text nanochat vaultgemma""".split()
 
 _AUX_TYPES = """dbrx deepseek_v4 ernie4_5_moe flex_olmo flint gpt_oss jamba laguna mellum minimax
 minimax_m2 minimax_m3_vl_text mixtral olmoe phimoe qwen2_moe qwen3_5_moe_text qwen3_moe qwen3_next
-qwen4_exp_text""".split()
+qwen4_exp_text lara_mini""".split()
 
 _UNSHIFTED_TYPES = """bart bigbird_pegasus blenderbot blenderbot-small cpmant marian mbart mvp pegasus plbart
 trocr whisper""".split()
@@ -83,6 +84,7 @@ lighton_ocr llava llava_next llava_next_video llava_onevision minicpm_ocr minicp
 mistral4 molmo2 nemo_speechlm ovis2 paddleocr_vl paligemma perception_lm pp_chart2table qianfan_ocr
 qwen2_5_omni_thinker qwen2_5_vl qwen2_vl qwen3_asr qwen3_vl shieldgemma2 smolvlm step3p7 blip-2 unlimited_ocr
 vibevoice_asr video_llama_3 video_llava vipllava voxtral voxtral_realtime
+apertus1p5 hy_v4_vl llava_onevision1_5 ovis2_5
 """.split()
 # MoE: the router loss coefficient is read from the text config (the multimodal classes have no attribute of it)
 _MULTIMODAL_AUX_TYPES = """ernie4_5_vl_moe glm4v_moe glm5_next minimax_m3_vl qwen3_omni_moe_thinker qwen3_vl_moe
@@ -166,6 +168,11 @@ REFUSED: dict[str, str] = {
                     "(labels=None) does not; waits for the seq2seq (unshifted) mapping support"),
     "nemotron_h_omni": "no output embeddings module (get_output_embeddings() is None)",
     "pi0": "an action model: no output embeddings module (get_output_embeddings() is None)",
+    "pi05": "an action model: no output embeddings module (get_output_embeddings() is None)",
+    "inkling2_loop": "learned logit soft-cap module and vocab slice",
+    "dory": "a learned logit scale inside the head (lm_head.logit_scale, a trained parameter)",
+    "omniasr": "a speech encoder-decoder in the multimodal mapping: its loss is not the causal-LM head's (not proven)",
+    "inkling2_loop_text": "learned logit soft-cap module and vocab slice",
 }
 
 # transformers' auto mappings whose classes patch() accepts, -> the loss kind of their classes: "shifted" (the

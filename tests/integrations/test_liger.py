@@ -107,9 +107,10 @@ def test_displaced_forward_warns_once_and_is_patched_tells(llama_rope_restored):
     ids, labels = _batch()
     with pytest.warns(UserWarning, match="was replaced by a forward from"):
         model(input_ids=ids, labels=labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(input_ids=ids, labels=labels)  # once
+    with warnings.catch_warnings(record=True) as seen:  # once: other libraries' warnings may recur (transformers
+        warnings.simplefilter("always")                  # 5.25 warns on every call of Liger's copied forward)
+        model(input_ids=ids, labels=labels)
+    assert not [w for w in seen if "was replaced by a forward from" in str(w.message)]
     hf_fusedce.patch(model)  # puts the head back
     assert hf_fusedce.is_patched(model)
 
