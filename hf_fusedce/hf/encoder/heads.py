@@ -90,6 +90,7 @@ ENCODER_REFUSED: dict[tuple[str, str], str] = {
     ("speech_seq2seq", "cohere_asr"): _NOT_BUILT.format("unset special token ids"),
     ("speech_seq2seq", "moonshine_streaming"): _NOT_BUILT.format("config validation"),
     ("speech_seq2seq", "pop2piano"): _NOT_BUILT.format("its feature extractor needs librosa, not installed"),
+    ("seq2seq", "omniasr"): "a speech recognizer (transformers 5.25) listed in the text seq2seq mapping: not proven",
     ("speech_seq2seq", "dia"): "a text-to-speech model: its heads predict several audio codebooks",
     ("speech_seq2seq", "vibevoice"): "a text-to-speech model with a diffusion head",
     ("masked_lm", "mobilebert"): "its head multiplies by [decoder.weight^T, dense.weight] without calling the "
