@@ -17,10 +17,11 @@ import functools
 import hashlib
 import inspect
 import json
-import os
 import textwrap
 import warnings
 from pathlib import Path
+
+from ..cache import cache_root
 
 # The committed proof of every family (written by `python -m hf_fusedce.cards --refresh`), shipped with the package.
 RESULTS_PATH = Path(__file__).resolve().parent.parent / "data" / "proof_results.json"
@@ -133,9 +134,7 @@ def _of_transformers(func) -> bool:
 # ---- local re-proofs (hf-fusedce check) ----------------------------------------------------------------------------
 
 def local_path() -> Path:
-    root = os.environ.get("HF_FUSEDCE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
-        / "hf_fusedce"
-    return Path(root) / "reproven.json"
+    return cache_root() / "reproven.json"
 
 
 def _local() -> dict:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ...cache import cache_root
+
 ENV_NATIVE = "HF_FUSEDCE_CPU_NATIVE"
 SOURCE = Path(__file__).with_name("capped_rows.c")
 
@@ -67,10 +69,11 @@ def capped_rows(z: torch.Tensor, ids: torch.Tensor, in_scale: float, softcap: fl
         base, coef = grad.base.float().contiguous(), grad.coef.float().contiguous()
         shift = grad.shift.float().contiguous() if grad.shift is not None else None
     ptr = (lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None)
+    vtanh, vexp = _vml()
     lib.capped_rows(ptr(z), n, v, z.stride(0), int(z.dtype == torch.bfloat16), ctypes.c_float(in_scale),
                     ctypes.c_float(softcap), ptr(ids), ptr(sum_out), ptr(t_target_out), ptr(mean_t_out),
                     int(grad is not None), ptr(base), ptr(coef), ptr(shift),
-                    ctypes.c_float(grad.z_loss if grad is not None else 0.0), _vml()[0], _vml()[1], ptr(scratch),
+                    ctypes.c_float(grad.z_loss if grad is not None else 0.0), vtanh, vexp, ptr(scratch),
                     threads)
 
 
@@ -105,10 +108,7 @@ def _load():
 
 
 def cache_dir() -> Path:
-    """Where builds live: HF_FUSEDCE_CACHE (as for re-proven families, hf/recorded.py), else ~/.cache/hf_fusedce."""
-    root = os.environ.get("HF_FUSEDCE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "hf_fusedce"
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _build() -> Path:

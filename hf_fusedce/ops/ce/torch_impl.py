@@ -199,16 +199,14 @@ def ce_rows(z: torch.Tensor, rows: RowInputs, spec: LossSpec, compute_grad: bool
     mode = _write_mode(z, spec, k)
     grad = _GradTerms.build(mode, rows, tau_sum, spec, vocab) if compute_grad else None
     capped = mode == "capped"
-    block = row_block_rows(z, buffers=max(1, is_low_precision(z.dtype) + (spec.softcap is not None)))
-    scratch = Scratch(block, z)
-    block_fn = _block_rows
     if capped:  # shift by 0 (z-loss reads the row max in the blocks)
-        block_fn = _capped_block_rows
         stats.row_max.zero_()
     if capped and cpu_native.supports(z, rows.ids):  # the same math in one native call (cpu_native.py)
         cpu_native.capped_rows(z, rows.ids, spec.logit_scale / spec.softcap, spec.softcap, stats.sum_exp,
                                stats.target_x, stats.mean_shifted, grad)
     else:
+        block = row_block_rows(z, buffers=max(1, is_low_precision(z.dtype) + (spec.softcap is not None)))
+        block_fn, scratch = _capped_block_rows if capped else _block_rows, Scratch(block, z)
         for start in range(0, n, block):
             sl = slice(start, min(start + block, n))
             block_fn(z[sl], sl, rows.ids[sl], spec, stats, grad, scratch)

@@ -187,8 +187,8 @@ def default_budget(n: int, d: int, v: int, dtype: torch.dtype, dw_accumulation: 
 
 
 def machine_for(n: int, d: int, v: int, dtype: torch.dtype) -> Machine:
-    """The machine the plan reads for this call: this CPU, measured (once per process and (dtype, D)) for big
-    enough calls in mode "measure"; else the stored PROFILE."""
+    """The machine the plan reads for this call: this CPU, measured at the grid and this call's candidate rows
+    (each point once per process) for big enough calls in mode "measure"; else the stored PROFILE."""
     if plan_mode() == "measure" and not torch.compiler.is_compiling() and 6 * n * d * v >= CALIBRATE_RATIO * \
             calibration_flops(d, dtype):
         return measured_machine(dtype, d, candidate_rows(n, v, dtype, d))
