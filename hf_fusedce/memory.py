@@ -87,8 +87,19 @@ def _storage_tensors(tree) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def measure_peak(device: torch.device | str | None = None):
+def measure_peak(device: torch.device | str | None = None, compiled: bool = False):
+    """`compiled`: the block runs torch.compile'd code. Under a TorchDispatchMode dynamo runs the code eagerly, so
+    the tracker would measure the eager code, not the compiled one: on CPU the reading is then the peak RSS above
+    the start (Linux VmHWM, reset first; allocator noise included, method "rss_peak")."""
     device = torch.device(device if device is not None else "cpu")
+    if compiled and device.type != "cuda" and reset_rss_peak():
+        reading = PeakReading(str(device), "rss_peak")
+        start = rss_bytes()
+        try:
+            yield reading
+        finally:
+            reading.peak_bytes = max(0, (rss_peak_bytes() or start) - start)
+        return
     if device.type == "cuda":
         reading = PeakReading(str(device), "cuda_allocator")
         torch.cuda.synchronize(device)

@@ -89,6 +89,10 @@ def register(subparsers):
     g = p.add_argument_group("tensor parallel (--op tp: vocab-parallel head, one gloo process per rank, CPU)")
     g.add_argument("--tp", default="1,2,4", help="--op tp: comma list of tensor-parallel sizes (default 1,2,4)")
     g.add_argument("--tp-threads", type=int, default=1, help="--op tp: torch threads per rank (default 1)")
+    g = p.add_argument_group("time and memory against N (--sweep-n: its options are those of `bench sweep-n`)")
+    g.add_argument("--sweep-n", action="store_true",
+                   help="time / floor and memory vs N (512 ... 1M) at Qwen2.5-0.5B's and Llama-3.2-1B's heads, "
+                        "ours and peers; default out model_cards/benchmarks/cpu/sweep-n")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="only rewrite results.md and results.png from an existing results.json")
     p.set_defaults(func=run)
@@ -147,9 +151,27 @@ def _command_line(args) -> list[str]:
     return cmd
 
 
+def _sweep_argv(args) -> list[str]:
+    """The options `bench --sweep-n` shares with the op matrix, as `bench sweep-n` arguments."""
+    argv = []
+    for name in ("n", "impls", "dtype", "out", "seed", "time_budget", "device", "rounds"):
+        value = getattr(args, name)
+        if value is not None and not (name == "rounds" and value == 2):
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    if args.shapes:
+        argv += ["--heads", args.shapes]
+    return argv
+
+
 def run(args) -> int:
     from hf_fusedce.bench import report
 
+    if args.sweep_n:
+        from hf_fusedce.bench import sweep_n
+
+        sweep_parser = argparse.ArgumentParser(prog="hf-fusedce bench --sweep-n")
+        sweep_n.add_arguments(sweep_parser)
+        return sweep_n.main(sweep_parser.parse_args(_sweep_argv(args)), _command_line(args))
     if args.from_json:
         doc = report.load(args.from_json)
         out = args.out or os.path.dirname(os.path.abspath(args.from_json))

@@ -2,7 +2,7 @@
 
 A fixed budget is wrong at large vocabularies: 32 MiB holds ~52 rows of V=151936 fp32 logits, the GEMMs run at
 ~50 rows (a third of the BLAS's rate) and GEMM 3 reads and writes the whole V x D dW accumulator once per chunk
-(issue 19: 1.65x the 3-GEMM floor at Qwen2.5-0.5B's head). Per chunk of r rows (s = bytes of the chunk dtype,
+(1.65x the 3-GEMM floor at Qwen2.5-0.5B's head, N=4096). Per chunk of r rows (s = bytes of the chunk dtype,
 a = of the dW accumulator) the model charges
   GEMMs 1-3     6 r D V FLOPs at the BLAS rate measured at r rows (GEMM 3 at the fp32 rate when a bf16/fp16
                 chunk feeds an fp32 accumulator: the CPU has no mixed GEMM, the operands are upcast)
@@ -14,9 +14,10 @@ at the measured memory bandwidth. The floor is 6 N D V at the best rate measured
 cost the same at every chunk size and are left out.
 
 The plan is the smallest candidate budget whose modelled time is within TIME_TARGET x floor (the fastest if
-none is), never above MAX_BUDGET_BYTES nor a fifth of the call's fp32 logits (an eighth where the head's
-gradients are small beside its logits; never below the old 32 MiB default): the head's extra memory stays a chunk of at most 768 MiB plus per-row vectors, whatever N. So few tokens
-(N=1024 at V=151936 fp32: 128 rows) stay short of the floor: memory first; an explicit budget buys the speed.
+none is), under the memory bound (memory_cap): one chunk holds at most the larger of a fifth of the call's fp32
+logits (an eighth where the head's gradients are small beside them) and the head's own weight, never more than
+768 MiB. So the head's extra memory is a chunk plus per-row vectors whatever N: at large N a fraction of what
+stock holds, at small N no more than the weight's gradient the head holds anyway.
 
 The machine is measured once per process and (dtype, D, rows): the grid and the rows this call's candidates
 would run (~0.5-2.3 s for a head's first big call), and only for calls at least CALIBRATE_RATIO times the
@@ -144,18 +145,24 @@ def estimate(n: int, d: int, v: int, dtype: torch.dtype, budget_bytes: int, mach
 
 
 def memory_cap(n: int, v: int, dtype: torch.dtype, d: int | None = None) -> int:
-    """Largest budget the plan may pick: MAX_BUDGET_BYTES, and a fraction of the call's logits in fp32 (N V 4 bytes),
-    but not below the old fixed default. Stock holds more than two such tensors above its inputs and gradients
-    (measured 2.5x at Llama-3.2-1B fp32, 2.9x at Qwen2.5-0.5B bf16, N=4096), so:
-    - a fifth keeps the chunk under 10% of stock's memory above inputs and gradients (issue 19's bar); it is needed
-      where the weight is large: at D=2048, V=128256 fp32 the three GEMMs of 768-row chunks ran at 1.05x the
-      unchunked floor, of 512-row chunks 1.13x (each chunk re-reads and re-packs the 1 GB weight);
-    - an eighth where the head's gradients are small beside the logits ((V + N) D <= N V / 4 in their bytes), so
-      the whole head, gradients included, stays within 10% of stock (issue 2's bar at N=4096, D=512, V=32000)."""
+    """Largest budget the plan may pick: the larger of a fraction of the call's fp32 logits (N V 4 bytes) and the
+    head's own weight (V D, in the call's dtype), never above MAX_BUDGET_BYTES nor below the old fixed default.
+
+    - A fraction of the logits bounds the chunk where N is large. Stock holds more than two such tensors above its
+      inputs and gradients (measured 2.5x at Llama-3.2-1B fp32, 2.9x at Qwen2.5-0.5B bf16, N=4096): a fifth keeps
+      the chunk under 10% of stock's memory above inputs and gradients; an eighth where the head's gradients are
+      small beside the logits ((V + N) D <= N V / 4 in their bytes), so the whole head, gradients included, stays
+      within 10% of stock (D=512, V=32000, N=4096).
+    - The weight's size is the floor of that bound at small N: the head already holds its weight, the gradient of
+      the same size and an optimizer's state of two more, so a chunk of that size at most doubles the head's
+      gradient memory. Below it a fifth of the logits is a few rows: at Qwen2.5-0.5B's head (545 MB fp32) and
+      N=1024, 1/5 gave 128-row chunks, each re-reading the weight and rewriting the 545 MB dW (1.36x the floor)."""
+    s = torch.finfo(dtype).bits // 8
     logits = n * v * 4
-    small_grads = d is not None and (v + n) * d * (torch.finfo(dtype).bits // 8) * 4 <= logits
+    small_grads = d is not None and (v + n) * d * s * 4 <= logits
     fraction = LOGITS_FRACTION_SMALL_GRADS if small_grads or d is None else LOGITS_FRACTION
-    return max(FIXED_BUDGET_BYTES, min(MAX_BUDGET_BYTES, logits // fraction))
+    weight = v * d * s if d is not None else 0
+    return max(FIXED_BUDGET_BYTES, min(MAX_BUDGET_BYTES, max(logits // fraction, weight)))
 
 
 def candidates(n: int, v: int, dtype: torch.dtype, d: int | None = None) -> list[int]:
