@@ -152,7 +152,8 @@ def run_cells(cells, impls, device, cfg, sink, rounds: int = 2, explicit: bool =
         free_memory(device)
 
 
-DEFAULT_IMPLS = ("ours-torch", "stock", "floor-blocked", "floor", "trl-chunked", "torch-lce", "liger", "cce-exact")
+DEFAULT_IMPLS = ("ours-torch", "stock", "stock-compiled", "floor-blocked", "floor", "trl-chunked", "torch-lce", "liger",
+                 "cce-exact")
 CUDA_NS = (4096, 8192, 16384, 65536)
 
 
