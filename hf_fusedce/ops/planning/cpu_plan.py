@@ -2,7 +2,7 @@
 
 A fixed budget is wrong at large vocabularies: 32 MiB holds ~52 rows of V=151936 fp32 logits, the GEMMs run at
 ~50 rows (a third of the BLAS's rate) and GEMM 3 reads and writes the whole V x D dW accumulator once per chunk
-(issue 19: 1.65x the 3-GEMM floor at Qwen2.5-0.5B's head). Per chunk of r rows (s = bytes of the chunk dtype,
+(measured: 1.65x the 3-GEMM floor at Qwen2.5-0.5B's head, D=896, V=151936). Per chunk of r rows (s = bytes of the chunk dtype,
 a = of the dW accumulator) the model charges
   GEMMs 1-3     6 r D V FLOPs at the BLAS rate measured at r rows (GEMM 3 at the fp32 rate when a bf16/fp16
                 chunk feeds an fp32 accumulator: the CPU has no mixed GEMM, the operands are upcast)
@@ -147,11 +147,11 @@ def memory_cap(n: int, v: int, dtype: torch.dtype, d: int | None = None) -> int:
     """Largest budget the plan may pick: MAX_BUDGET_BYTES, and a fraction of the call's logits in fp32 (N V 4 bytes),
     but not below the old fixed default. Stock holds more than two such tensors above its inputs and gradients
     (measured 2.5x at Llama-3.2-1B fp32, 2.9x at Qwen2.5-0.5B bf16, N=4096), so:
-    - a fifth keeps the chunk under 10% of stock's memory above inputs and gradients (issue 19's bar); it is needed
+    - a fifth keeps the chunk under 10% of stock's memory above inputs and gradients (the bar at real heads); it is needed
       where the weight is large: at D=2048, V=128256 fp32 the three GEMMs of 768-row chunks ran at 1.05x the
       unchunked floor, of 512-row chunks 1.13x (each chunk re-reads and re-packs the 1 GB weight);
     - an eighth where the head's gradients are small beside the logits ((V + N) D <= N V / 4 in their bytes), so
-      the whole head, gradients included, stays within 10% of stock (issue 2's bar at N=4096, D=512, V=32000)."""
+      the whole head, gradients included, stays within 10% of stock (the bar at N=4096, D=512, V=32000)."""
     logits = n * v * 4
     small_grads = d is not None and (v + n) * d * (torch.finfo(dtype).bits // 8) * 4 <= logits
     fraction = LOGITS_FRACTION_SMALL_GRADS if small_grads or d is None else LOGITS_FRACTION
