@@ -1,4 +1,4 @@
-"""`hf-fusedce bench --op distill`: the distillation head, ours vs TRL's chunked divergence vs both models' logits
+"""`hf-fusedce bench distill`: the distillation head, ours vs TRL's chunked divergence vs both models' logits
 materialized, in one process: time of forward + backward, peak memory, float64 error, and the GEMM floor.
 
 Every implementation computes the same loss (TRL's generalized JSD, mean over tokens) from the student's hidden
@@ -196,7 +196,7 @@ def markdown(doc: dict) -> str:
     errs = rows.reindex(columns=["rel_err_loss", "rel_err_dh", "rel_err_dw"])
     rows["rel_errs"] = [" / ".join(f"{x:.1e}" for x in e) if e.notna().all() else None for _, e in errs.iterrows()]
     return "\n".join([
-        f"# hf-fusedce bench --op distill ({env['device']}, {env['date']})", "",
+        f"# hf-fusedce bench distill ({env['device']}, {env['date']})", "",
         f"Command: `{' '.join(doc['command'])}`  ", f"torch {env['torch']}, transformers {env['transformers']}, "
         f"trl {doc.get('trl')}; load before: `{doc['uptime_before']}`; after: `{doc['uptime_after']}`", "",
         markdown_table(rows, DISTILL_COLUMNS)]) + "\n"

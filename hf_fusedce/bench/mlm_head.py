@@ -83,11 +83,11 @@ def run(tokens: int, hidden: int, vocab: int, mask_rate: float, reps: int, devic
     }
 
 
-_XLMR = Shape("xlmr", 768, 250002)  # XLM-R's head: the default of `hf-fusedce bench --op mlm`
+_XLMR = Shape("xlmr", 768, 250002)  # XLM-R's head: the default of `hf-fusedce bench mlm`
 
 
 def run_bench(args, device, shapes, ns, command) -> int:
-    """`hf-fusedce bench --op mlm [--shapes DxV,...] [--n N,...] [--repeats R] [--out DIR]`: every shape x N at
+    """`hf-fusedce bench mlm [--shapes DxV,...] [--n N,...] [--repeats R] [--out DIR]`: every shape x N at
     15% masking, written to DIR/mlm_head.json and DIR/mlm_head.md."""
     import pandas as pd
     out = args.out or os.path.join("hf_fusedce_bench", "mlm")

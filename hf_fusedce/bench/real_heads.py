@@ -1,4 +1,4 @@
-"""`hf-fusedce bench --matrix real-heads`: the loss heads of real models, implementations interleaved.
+"""`hf-fusedce bench real-heads`: the loss heads of real models, implementations interleaved.
 
 Cells (dtype, shape, N) come in priority order (shapes.real_heads_cells), so a --time-budget run spends its
 time where it matters first and records every cell it did not reach as skipped, with the reason. Within a cell

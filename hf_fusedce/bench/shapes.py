@@ -15,7 +15,7 @@ class Shape:
     softcap: float | None = None  # final-logit softcapping (Gemma 2: 30)
 
 
-# The issue-5 matrix (GPU).
+# The GPU matrix: the heads of Llama-3-8B, Qwen2.5-7B, Gemma-2-2B and a D=2048 V=32000 one.
 GPU_SHAPES = {
     "llama3-8b": Shape("llama3-8b", 4096, 128256),
     "qwen2.5-7b": Shape("qwen2.5-7b", 3584, 152064),
@@ -29,7 +29,7 @@ CPU_SHAPES = {
     "cpu-d512-v32k": Shape("cpu-d512-v32k", 512, 32000),
 }
 CPU_NS = (512, 1024)
-# Issue 19: the heads of models people fine-tune, timed on CPU too (`--matrix real-heads`).
+# The heads of models people fine-tune, timed on CPU too (`hf-fusedce bench real-heads`).
 REAL_HEADS = {
     "qwen2.5-0.5b": Shape("qwen2.5-0.5b", 896, 151936),
     "llama3.2-1b": Shape("llama3.2-1b", 2048, 128256),

@@ -244,7 +244,7 @@ def plot(ok: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- the command
+# ---------------------------------------------------------------- the command (`hf-fusedce bench sweep-n`)
 DEFAULT_OUT = os.path.join("model_cards", "benchmarks", "cpu", "sweep-n")
 
 
@@ -264,33 +264,16 @@ def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=2, help="timed rounds after the memory/warm-up round")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="after this many seconds, record what is left as skipped and write the report")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT} on CPU)")
 
 
-def main(args, command: list[str]) -> int:
-    from .report import ResultSink
-    from .runner import BenchConfig
-    from .shapes import DTYPE_MODES
-
-    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+def config_of(args) -> SweepConfig:
+    """The sweep's configuration from its options; ValueError names an unknown head, implementation or dtype."""
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
     unknown = [h for h in split(args.heads) if h not in REAL_HEADS] + \
         [i for i in split(args.impls) if i not in IMPLS] + ([args.dtype] if args.dtype not in DTYPE_MODES else [])
     if unknown:
-        print(f"hf-fusedce bench sweep-n: unknown {', '.join(unknown)}", flush=True)
-        return 2
-    cfg = SweepConfig(heads=tuple(split(args.heads)), ns=tuple(int(n) for n in split(args.n)),
-                      impls=tuple(split(args.impls)), dtype=args.dtype, full_d_max_n=args.full_d_max_n,
-                      peer_max_n=args.peer_max_n, reduced_d=args.reduced_d, floor_rows=args.floor_rows,
-                      row_samples=args.row_samples, rounds=max(0, args.rounds))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = args.out or (DEFAULT_OUT if device.type == "cpu" else os.path.join("hf_fusedce_bench", "sweep-n"))
-    sink = ResultSink(out, command, environment(device))
-    bench_cfg = BenchConfig(seed=args.seed, deadline=None if args.time_budget is None
-                            else time.perf_counter() + args.time_budget)
-    run(cfg, device, bench_cfg, sink)
-    sink.write_json()
-    for path in [os.path.join(out, "results.json"), *write_report(sink.doc, out)]:
-        print(path)
-    return 0
+        raise ValueError(f"unknown {', '.join(unknown)}")
+    return SweepConfig(heads=split(args.heads), ns=tuple(int(n) for n in split(args.n)), impls=split(args.impls),
+                       dtype=args.dtype, full_d_max_n=args.full_d_max_n, peer_max_n=args.peer_max_n,
+                       reduced_d=args.reduced_d, floor_rows=args.floor_rows, row_samples=args.row_samples,
+                       rounds=max(0, args.rounds))

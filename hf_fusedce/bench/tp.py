@@ -1,4 +1,4 @@
-"""`hf-fusedce bench --op tp`: the vocab-parallel head on tp = 1, 2, 4 CPU gloo ranks (one process per rank).
+"""`hf-fusedce bench tp`: the vocab-parallel head on tp = 1, 2, 4 CPU gloo ranks (one process per rank).
 
 Every rank builds the same inputs, keeps its vocabulary slice of the head (torch's Shard(0) split) and times forward
 + backward of `vocab_parallel_linear_cross_entropy`. Per rank: median time, peak memory of one step (live-tensor
@@ -173,7 +173,7 @@ def _table_rows(records):
 
 def markdown(doc: dict) -> str:
     env, case = doc["environment"], doc["case"]
-    lines = [f"# hf-fusedce bench --op tp ({env['device']}, {env['date']})", "",
+    lines = [f"# hf-fusedce bench tp ({env['device']}, {env['date']})", "",
              f"Command: `{' '.join(doc['command'])}`  ",
              f"torch {env['torch']}, transformers {env['transformers']}; gloo ranks on one machine, "
              f"{case['threads']} thread(s) per rank; load before: `{doc['uptime_before']}`; after: "
@@ -193,7 +193,7 @@ def run(args, device, command) -> int:
     from hf_fusedce.bench.shapes import parse_shape
 
     if device.type != "cpu":
-        print("hf-fusedce bench --op tp: CPU gloo ranks only (use --device cpu)")
+        print("hf-fusedce bench tp: CPU gloo ranks only (use --device cpu)")
         return 2
     shape = parse_shape(args.shapes.split(",")[0] if args.shapes else "256x16000")
     case = Case(int(args.n.split(",")[0]) if args.n else 2048, shape.d, shape.v,

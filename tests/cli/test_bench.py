@@ -27,7 +27,7 @@ def matrix_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     os.environ["HF_FUSEDCE_CHUNK_BUDGET_MB"] = "0.25"  # several chunks even at this tiny shape
     try:
-        rc = main(["bench", "--device", "cpu", "--shapes", "64x4096", "--n", "128,512",  # all impls (default)
+        rc = main(["bench", "op", "--device", "cpu", "--shapes", "64x4096", "--n", "128,512",  # all impls (default)
                    "--repeats", "2", "--warmup", "1", "--out", str(out)])
     finally:
         del os.environ["HF_FUSEDCE_CHUNK_BUDGET_MB"]
@@ -103,9 +103,10 @@ def test_torch_lce_recorded(matrix_run):
 
 def test_report_from_json(matrix_run, tmp_path):
     out, _ = matrix_run
-    rc = main(["bench", "--from-json", str(out / "results.json"), "--out", str(tmp_path)])
-    assert rc == 0
-    assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
+    for argv, folder in ((["bench", "report", str(out / "results.json"), "--out"], tmp_path / "job"),
+                         (["bench", "--from-json", str(out / "results.json"), "--out"], tmp_path / "older")):
+        assert main([*argv, str(folder)]) == 0
+        assert (folder / "results.md").exists() and (folder / "results.png").exists()
 
 
 def test_oom_and_errors_become_records():
@@ -153,6 +154,7 @@ def test_longest_seq_search():
 
 
 def test_verify_and_profile_and_e2e(tmp_path):
+    """The one-command spelling runs three jobs into one results.json."""
     rc = main(["bench", "--device", "cpu", "--skip-matrix", "--verify", "--verify-at", "64x2048:256",
                "--profile", "--profile-at", "64x1024:128", "--shapes", "64x1024", "--n", "128",
                "--e2e", "--e2e-seq", "512", "--e2e-repeats", "1", "--e2e-no-search", "--out", str(tmp_path)])
@@ -177,13 +179,16 @@ def test_verify_and_profile_and_e2e(tmp_path):
 
 
 def test_bad_arguments():
-    assert main(["bench", "--device", "cpu", "--impls", "nope"]) == 2
-    assert main(["bench", "--device", "cpu", "--shapes", "banana"]) == 2
-    assert main(["bench", "--device", "cpu", "--dtype", "fp8"]) == 2
+    for bench in (["bench"], ["bench", "op"]):
+        assert main([*bench, "--device", "cpu", "--impls", "nope"]) == 2
+        assert main([*bench, "--device", "cpu", "--shapes", "banana"]) == 2
+        assert main([*bench, "--device", "cpu", "--dtype", "fp8"]) == 2
+    assert main(["bench", "--device", "cpu", "--no-such-option"]) == 2
+    assert main(["bench", "verify", "--device", "cpu", "--at", "64x2048"]) == 2  # SHAPE:N without N
 
 
 def test_time_budget_still_writes_the_report(tmp_path):
-    rc = main(["bench", "--device", "cpu", "--shapes", "16x256", "--n", "32", "--time-budget", "0",
+    rc = main(["bench", "op", "--device", "cpu", "--shapes", "16x256", "--n", "32", "--time-budget", "0",
                "--out", str(tmp_path)])
     assert rc == 0
     doc = report.load(str(tmp_path / "results.json"))

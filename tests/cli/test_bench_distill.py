@@ -1,4 +1,4 @@
-"""`hf-fusedce bench --op distill` at a tiny shape: every implementation measured, ratios and errors recorded."""
+"""`hf-fusedce bench distill` at a tiny shape: every implementation measured, ratios and errors recorded."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ def test_bench_distill_writes_every_implementation(tmp_path):
     from hf_fusedce.cli.main import main
 
     out = str(tmp_path / "distill")
-    assert main(["bench", "--op", "distill", "--n", "64", "--shapes", "32x500", "--beta", "0,0.5",
+    assert main(["bench", "distill", "--n", "64", "--shapes", "32x500", "--beta", "0,0.5",
                  "--repeats", "1", "--warmup", "0", "--out", out]) == 0
     with open(os.path.join(out, "results.json")) as f:
         doc = json.load(f)

@@ -17,11 +17,11 @@ def test_mlm_head_cli_writes_json(tmp_path, capsys):
     assert '"speedup"' in out.read_text()
 
 
-def test_hf_fusedce_bench_op_mlm_writes_its_results(tmp_path):
+def test_hf_fusedce_bench_mlm_writes_its_results(tmp_path):
     import json
 
     from hf_fusedce.cli.main import main
-    assert main(["bench", "--op", "mlm", "--shapes", "32x3001", "--n", "256", "--repeats", "1",
+    assert main(["bench", "mlm", "--shapes", "32x3001", "--n", "256", "--repeats", "1",
                  "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "mlm_head.json").read_text())
     assert doc["command"][:2] == ["hf-fusedce", "bench"] and "mlm" in doc["command"]

@@ -1,4 +1,4 @@
-"""`hf-fusedce bench --matrix real-heads`: cell order, skip reasons, records and tables written (tiny shapes)."""
+"""`hf-fusedce bench real-heads` (and its older spelling `bench --matrix real-heads`): cell order, skip reasons, records and tables written (tiny shapes)."""
 from __future__ import annotations
 
 import json
@@ -33,7 +33,7 @@ def test_skip_reasons(monkeypatch):
 
 def test_tiny_run_writes_records_and_tables(tmp_path):
     out = tmp_path / "rh"
-    assert main(["bench", "--matrix", "real-heads", "--shapes", "32x500", "--n", "64", "--dtype", "fp32",
+    assert main(["bench", "real-heads", "--shapes", "32x500", "--n", "64", "--dtype", "fp32",
                  "--impls", "ours-torch,stock,liger,floor", "--rounds", "1", "--ref", "none", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
     by = {r["impl"]: r for r in doc["records"]}
@@ -47,7 +47,7 @@ def test_tiny_run_writes_records_and_tables(tmp_path):
 
 def test_time_budget_records_every_cell_not_run(tmp_path):
     out = tmp_path / "rh"
-    assert main(["bench", "--matrix", "real-heads", "--shapes", "32x500", "--n", "64,128", "--dtype", "fp32",
+    assert main(["bench", "real-heads", "--shapes", "32x500", "--n", "64,128", "--dtype", "fp32",
                  "--impls", "ours-torch,floor", "--time-budget", "0", "--out", str(out)]) == 0
     recs = json.loads((out / "results.json").read_text())["records"]
     assert len(recs) == 4 and all(r["status"].startswith("skipped: time budget") for r in recs)

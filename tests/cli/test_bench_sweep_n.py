@@ -71,11 +71,7 @@ def test_stock_compiled_peer_gives_stocks_numbers():
 
 
 def _sweep(argv) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    sweep_n.add_arguments(parser)
-    return sweep_n.main(parser.parse_args(argv), ["hf-fusedce", "bench", "sweep-n", *argv])
+    return main(["bench", "sweep-n", *argv])
 
 
 def test_a_tiny_sweep_writes_its_table_and_chart(tmp_path, monkeypatch):
@@ -98,7 +94,7 @@ def test_a_tiny_sweep_writes_its_table_and_chart(tmp_path, monkeypatch):
     assert (out / "sweep.png").stat().st_size > 0
 
 
-def test_the_old_spelling_runs_the_sweep(tmp_path, monkeypatch):
+def test_the_one_command_spelling_runs_the_sweep(tmp_path, monkeypatch):
     monkeypatch.setitem(shapes.REAL_HEADS, "tiny", shapes.Shape("tiny", 32, 700))
     out = tmp_path / "sweep"
     assert main(["bench", "--sweep-n", "--shapes", "tiny", "--n", "128", "--impls", "ours-torch,floor",
@@ -109,4 +105,4 @@ def test_the_old_spelling_runs_the_sweep(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv", [["--sweep-n", "--shapes", "nope"], ["--sweep-n", "--impls", "nope"]])
 def test_unknown_names_are_refused(argv, capsys):
     assert main(["bench", *argv]) == 2
-    assert "unknown nope" in capsys.readouterr().out
+    assert "unknown nope" in capsys.readouterr().err

@@ -7,12 +7,7 @@ import argparse
 import pytest
 import torch
 
-from hf_fusedce.cli.main import HelpFormatter, build_parser, main
-
-
-def _subparsers(parser):
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices
+from hf_fusedce.cli.main import HelpFormatter, build_parser, main, subcommands
 
 
 def test_top_level_help_is_for_users(capsys):
@@ -24,8 +19,14 @@ def test_top_level_help_is_for_users(capsys):
     assert "register(" not in out and "module" not in out
 
 
+def _every_subcommand(parser, prefix=""):
+    for name, sub in subcommands(parser).items():
+        yield prefix + name, sub
+        yield from _every_subcommand(sub, prefix + name + " ")
+
+
 def test_every_option_with_a_default_shows_it():
-    for name, sub in _subparsers(build_parser()).items():
+    for name, sub in _every_subcommand(build_parser()):
         formatter = sub.formatter_class(name)
         assert isinstance(formatter, HelpFormatter)
         for action in sub._actions:

@@ -106,12 +106,12 @@ def test_fsdp2_x_tp_mesh_matches_stock(ranks):
 
 @pytest.mark.slow
 def test_bench_tp_mode_writes_per_rank_records(tmp_path):
-    """`hf-fusedce bench --op tp` at a tiny shape: one record per rank, slices tiling V, dh's N x D all-reduced."""
+    """`hf-fusedce bench tp` at a tiny shape: one record per rank, slices tiling V, dh's N x D all-reduced."""
     import json
     import subprocess
 
     root = os.path.dirname(os.path.dirname(HERE))
-    cmd = [sys.executable, "-m", "hf_fusedce.cli.main", "bench", "--op", "tp", "--device", "cpu", "--n", "64",
+    cmd = [sys.executable, "-m", "hf_fusedce.cli.main", "bench", "tp", "--device", "cpu", "--n", "64",
            "--shapes", "32x1000", "--tp", "1,2", "--repeats", "1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
@@ -124,4 +124,4 @@ def test_bench_tp_mode_writes_per_rank_records(tmp_path):
         assert r["fwd_bwd_s"] > 0 and r["peak_bytes"] > 0
         assert r["allreduce_bytes"] >= 64 * 32 * 4  # at least dh, N x D fp32
     assert "single_device_fwd_bwd_s" in recs[0]
-    assert (tmp_path / "results.md").read_text().startswith("# hf-fusedce bench --op tp")
+    assert (tmp_path / "results.md").read_text().startswith("# hf-fusedce bench tp")

@@ -3,7 +3,7 @@ per row block.
 
 Why: at Gemma-2-2B's head (V=256000, softcap 30) the eager "capped" rows (torch_impl._capped_block_rows) make
 eight passes over every logit; in bf16, where the GEMMs are fast, that row work was ~10% of the call (1.06-1.11x
-the 3-GEMM floor, issue 19). The kernel walks each row in L1-sized tiles, calling MKL's VML vsTanh / vsExp (the
+the 3-GEMM floor at N=4096). The kernel walks each row in L1-sized tiles, calling MKL's VML vsTanh / vsExp (the
 routines torch's own tanh_ / exp_ run on this build, exported by libtorch_cpu) through function pointers.
 
 It is built on first use with the system C compiler (`cc`, ~1 s) into cache_dir() and loaded with ctypes.

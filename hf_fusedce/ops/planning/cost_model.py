@@ -1,7 +1,7 @@
 """A roofline model of the chunk loop on a GPU: modelled time and memory overhead for (N, D, V, dtype, budget).
 
 Never measured on a GPU (this project has none): it is arithmetic on the peak rates below, used to pick the
-default CUDA chunk budget and printed by `hf-fusedce bench` as a model estimate.
+default CUDA chunk budget and printed by `hf-fusedce bench real-heads` as a model estimate.
 
 Per chunk of r rows (s = bytes per element of the GEMM dtype, a = of the dW accumulator):
   GEMM 1  z = h W^T        2rDV FLOPs,  reads rD s + VD s, writes rV s
