@@ -137,8 +137,8 @@ def test_real_dataparallel_on_two_gpus():
     for call in range(CALLS):
         for dp in (stock_dp, model_dp):
             dp.zero_grad(set_to_none=True)
-        ref = stock_dp(input_ids=ids, labels=labels).loss  # one loss per replica, gathered on device 0
-        ours = model_dp(input_ids=ids, labels=labels).loss
+        ref = stock_dp(input_ids=ids, labels=labels, use_cache=False).loss  # one loss per replica, gathered on device 0
+        ours = model_dp(input_ids=ids, labels=labels, use_cache=False).loss
         assert ours.shape == ref.shape == (2,)
         ref.sum().backward()
         ours.sum().backward()
