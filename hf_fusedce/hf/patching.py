@@ -9,6 +9,7 @@ sees `logits_to_keep` and `**kwargs`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -19,7 +20,7 @@ import torch
 
 from ..ops.ce.autograd import check_dw_accumulation
 from ..ops.planning.chunking import check_budget
-from . import gather
+from . import gather, replicas
 from .encoder import heads as encoder_heads
 from .forward import FusedOptions, generic_forward, positional_names
 from .heads import HEADS, LOSS_MAPPINGS, PLAIN, REFUSED, HeadSpec, fused_classes, model_type_of
@@ -183,6 +184,12 @@ class PatchedForward:
     def __call__(self, *args, **kwargs):
         return generic_forward(self.model, self.original(), self.spec, self.options, args, kwargs, self.positional)
 
+    def for_replica(self, replica) -> "PatchedForward":
+        """The same forward serving a DataParallel replica (replicas.py)."""
+        twin = copy.copy(self)
+        twin.model = replica
+        return twin
+
     @property
     def __signature__(self):
         return inspect.signature(self.original())
@@ -325,16 +332,20 @@ def reseat(model) -> bool:
 
 
 class _ReseatOnCall:
-    """Instance `_call_impl` of a patched model: Module.__call__ reads `forward` before any forward pre-hook
-    runs, so a forward assigned over ours is taken off here, first. A small object (deepcopy / pickle)."""
+    """Instance `_call_impl` of a patched model (or of the PeftModel around it): Module.__call__ reads `forward`
+    before any forward pre-hook runs, so a forward assigned over ours is taken off here, first. A small object
+    (deepcopy / pickle); the patched model is found from the module at call time (a replica's is the replica's)."""
 
-    def __init__(self, module, target):
-        self.module, self.target = module, target
+    def __init__(self, module):
+        self.module = module
 
     def __call__(self, *args, **kwargs):
         if COMPOSE_OVER:
-            reseat(self.target)
+            reseat(self.module)
         return type(self.module)._call_impl(self.module, *args, **kwargs)
+
+    def for_replica(self, replica) -> "_ReseatOnCall":
+        return _ReseatOnCall(replica)
 
 
 def _guard(model, target) -> None:
@@ -342,7 +353,8 @@ def _guard(model, target) -> None:
         target.__dict__[_SAVED] = target.__dict__["forward"]
     for module in (target,) if model is target else (model, target):  # a PeftModel calls its base's `.forward`
         if not isinstance(module.__dict__.get("_call_impl"), _ReseatOnCall):
-            module.__dict__["_call_impl"] = _ReseatOnCall(module, target)
+            module.__dict__["_call_impl"] = _ReseatOnCall(module)
+        replicas.bind(module)
 
 
 def _unguard(model, target) -> None:
@@ -350,6 +362,8 @@ def _unguard(model, target) -> None:
     for module in (model, target):
         if isinstance(getattr(module, "__dict__", {}).get("_call_impl"), _ReseatOnCall):
             del module.__dict__["_call_impl"]
+        if isinstance(module, torch.nn.Module):
+            replicas.unbind(module)
 
 
 @contextlib.contextmanager

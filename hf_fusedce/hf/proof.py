@@ -8,6 +8,7 @@ loss and every parameter gradient to the stock ones by relative error (float32, 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -428,39 +429,62 @@ def _retry_float64(res: ProofResult, model_type: str, float32_error: str) -> Non
 
 
 def prove_checkpoint(path: str, batches: int = 2, seq_len: int = 32, seed: int = 0) -> ProofResult:
-    """A local checkpoint in float32: synthetic batches of its tokenizer's ids (special tokens avoided)."""
+    """A local checkpoint (sharded or not, any saved dtype) loaded in float32: synthetic batches of its
+    tokenizer's ids (special tokens avoided), or of the model's own ids where no usable tokenizer was saved.
+    What cannot be proven is a result with a one-line reason, never a traceback."""
     from transformers import AutoModelForCausalLM
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()  # seeded: dropout matches
+    if not os.path.isdir(path):
+        return ProofResult("?", "refused", reason=f"no checkpoint folder at {path} (--model takes a local folder)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()  # seeded: dropout matches
+    except Exception as err:  # noqa: BLE001 - any loading error is the one-line reason
+        return ProofResult("?", "refused", reason=f"cannot load {path} with AutoModelForCausalLM: {_one_line(err)}")
     res = ProofResult(getattr(model.config, "model_type", "?"), "proven", class_name=type(model).__name__)
-    ids_pool = _tokenizer_ids(path, model)
+    ids_pool, source = _token_ids(path, model)
     g = torch.Generator().manual_seed(seed)
     try:
+        if len(ids_pool) < 2:
+            raise ValueError(f"no two non-special token ids below the head's {_vocab(model)} rows to build a batch")
         for b in range(batches):
             ids = ids_pool[torch.randint(0, len(ids_pool), (2, seq_len), generator=g)]
             labels = ids.clone()
             labels[0, : seq_len // 4] = -100
             kw = {"num_items_in_batch": torch.tensor(int((labels[:, 1:] != -100).sum()) + 1)} if b % 2 else {}
             res.max_rel_err = max(res.max_rel_err, compare(model, ids, labels, **kw))
-        res.variants.append("tied" if is_tied(model) else "untied")
+        res.variants += ["tied" if is_tied(model) else "untied", source]
     except (AssertionError, StockFailed) as err:
-        res.status, res.reason = "failed", str(err)[:300]
+        res.status, res.reason = "failed", _one_line(err)
     except ValueError as err:  # refused by the table
-        res.status, res.reason = "refused", str(err)[:300]
+        res.status, res.reason = "refused", _one_line(err)
     res.seconds = round(time.perf_counter() - start, 2)
     return res
 
 
-def _tokenizer_ids(path: str, model) -> torch.Tensor:
-    vocab = model.get_output_embeddings().weight.shape[0]
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def _vocab(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _token_ids(path: str, model) -> tuple[torch.Tensor, str]:
+    """(ids to draw from, where they came from). A folder without tokenizer files still yields a tokenizer in
+    transformers 5.x (an empty one: a single special token), so a tokenizer is used only when it names at least
+    two non-special ids of the head; else any non-special id of the model."""
+    vocab = _vocab(model)
     try:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path)
         special = set(tok.all_special_ids)
         ids = sorted(i for i in set(tok.get_vocab().values()) if i < vocab and i not in special)
-    except Exception:  # noqa: BLE001 - no tokenizer saved: any non-special id of the model
-        ids = [i for i in range(vocab) if i not in _special_ids(model.config)]
-    return torch.tensor(ids)
+    except Exception:  # noqa: BLE001 - no tokenizer could be built from the folder
+        ids = []
+    if len(ids) >= 2:
+        return torch.tensor(ids), "tokenizer ids"
+    special = _special_ids(model.config)
+    return torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long), "model ids"
 
 
 def generate_equal(model_type: str, new_tokens: int = 6) -> bool:

@@ -47,6 +47,10 @@ def fused_linear_cross_entropy(
     (default: picked per shape, CPU <= 512 MiB (ops/planning/cpu_plan.py), CUDA by
     ops/planning/cost_model.py; env HF_FUSEDCE_CHUNK_BUDGET_MB). ``dw_accumulation`` ("auto" | "fp32" | "native")
     sets how a bf16/fp16 weight's gradient accumulates over chunks (README, "GPU status"). The loss is float32.
+
+    Deliberate deviations from stock (docs/patching.md lists them all): all tokens ignored -> 0 and zero
+    gradients (stock: NaN); a +inf logit -> +inf where stock gives NaN (finite exactly where stock is); targets
+    of any integer dtype (stock: int64 or uint8 only); bad labels -> ValueError.
     """
     spec = LossSpec(ignore_index, reduction, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), float(logit_scale))

@@ -6,16 +6,20 @@ eight passes over every logit; in bf16, where the GEMMs are fast, that row work 
 the 3-GEMM floor at N=4096). The kernel walks each row in L1-sized tiles, calling MKL's VML vsTanh / vsExp (the
 routines torch's own tanh_ / exp_ run on this build, exported by libtorch_cpu) through function pointers.
 
-It is built on first use with the system C compiler (`cc`, ~1 s) into cache_dir() and loaded with ctypes.
-Where anything is missing (no compiler, no VML symbols: e.g. aarch64 builds, or a failed build) `available()`
-is False with the reason in `status()`, and torch_impl keeps its eager path: same numbers up to float32
-rounding. HF_FUSEDCE_CPU_NATIVE=0 turns it off.
+It is built on first use with the system C compiler (`cc`, ~1 s) into cache_dir() and loaded with ctypes. The
+cache is not trusted: each build's sha256 is recorded beside it when it is built (written atomically, library
+and digest), and checked BEFORE dlopen, since dlopen of a damaged library can kill the process. A mismatch or
+a load error rebuilds it; a good cached build is used without a compiler. Where anything is missing (no
+compiler, no VML symbols: e.g. aarch64 builds, a failed build) `available()` is False with the reason in
+`status()` (which never raises), logged once per process, and torch_impl keeps its eager path: same numbers
+up to float32 rounding. HF_FUSEDCE_CPU_NATIVE=0 turns it off.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -31,6 +35,7 @@ from ...cache import cache_root
 
 ENV_NATIVE = "HF_FUSEDCE_CPU_NATIVE"
 SOURCE = Path(__file__).with_name("capped_rows.c")
+_log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
@@ -44,7 +49,7 @@ def available() -> bool:
 def status() -> str:
     if not enabled():
         return f"off ({ENV_NATIVE}=0)"
-    lib, why = _load()
+    lib, why = _load()  # never raises: every failure is a reason
     return "built and loaded" if lib is not None else f"unavailable: {why}"
 
 
@@ -90,20 +95,51 @@ def _libtorch_cpu_name() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _load():
-    """(ctypes library, None) or (None, why)."""
+    """(ctypes library, None) or (None, why). Runs once per process; a fallback is logged once, with its reason."""
+    try:
+        lib, why = _load_verified()
+    except Exception as e:  # status() and supports() never raise: any surprise is a reason to stay eager
+        lib, why = None, f"{type(e).__name__}: {e}"
+    if lib is None:
+        _log.warning("hf_fusedce: native CPU softcap rows unavailable, using the eager rows (same numbers): %s", why)
+    return lib, why
+
+
+def _load_verified():
     try:
         _vml()
     except (OSError, AttributeError) as e:
         return None, f"no MKL VML (vsTanh/vsExp) in this torch build ({e})"
+    build = _Build.for_this_machine()
+    damage = build.damage()
+    if damage is None:
+        lib, damage = _dlopen(build.path)
+        if lib is not None:
+            return lib, None
+    if build.compiler is None:  # a good cached build needs no compiler; a bad one cannot be replaced
+        return None, (f"no C compiler ({build.cc!r} not found; set CC)" if damage == "not built yet" else
+                      f"cached {build.path.name} is unusable ({damage}) and there is no C compiler to rebuild it")
+    if damage != "not built yet":
+        _log.warning("hf_fusedce: cached %s is unusable (%s); rebuilding it", build.path.name, damage)
     try:
-        path = _build()
+        build.compile()
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         return None, f"could not build {SOURCE.name}: {e}"
-    lib = ctypes.CDLL(str(path))
+    damage = build.damage()
+    return (None, f"fresh build of {SOURCE.name} is unusable ({damage})") if damage else _dlopen(build.path)
+
+
+def _dlopen(path: Path):
+    """(library, None) or (None, why). Only a file whose digest matched reaches here: dlopen of a damaged ELF can
+    crash the process, which no except clause catches."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        fn = lib.capped_rows
+    except (OSError, AttributeError) as e:
+        return None, f"load error: {e}"
     i64, f32, vp, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
-    lib.capped_rows.argtypes = [vp, i64, i64, i64, i32, f32, f32, vp, vp, vp, vp, i32, vp, vp, vp, f32, vp, vp,
-                                vp, i32]
-    lib.capped_rows.restype = None
+    fn.argtypes = [vp, i64, i64, i64, i32, f32, f32, vp, vp, vp, vp, i32, vp, vp, vp, f32, vp, vp, vp, i32]
+    fn.restype = None
     return lib, None
 
 
@@ -111,26 +147,57 @@ def cache_dir() -> Path:
     return cache_root() / "native"
 
 
-def _build() -> Path:
-    """Compile capped_rows.c once per source, compiler flags and machine; reuse the cached library after."""
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    cc = cc.split()[0]
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not found; set CC)")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_signature()]).encode()).hexdigest()
-    out = cache_dir() / f"capped_rows-{key[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = Path(tmp) / out.name
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip()[-500:] or f"{cc} exited with {done.returncode}")
-        os.replace(tmp_out, out)  # atomic: concurrent builders (test workers) each write their own file
-    return out
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Build:
+    """One cached build: `capped_rows-<key>.so` beside `capped_rows-<key>.so.sha256`, the digest recorded when it
+    was built. The key covers source, compiler, flags and CPU; the digest covers the bytes actually on disk (a
+    partial write, a copied cache, a bad sector, another file under the name)."""
+
+    FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+
+    def __init__(self, cc: str, compiler: str | None, path: Path):
+        self.cc, self.compiler, self.path = cc, compiler, path
+        self.digest_path = path.with_name(path.name + ".sha256")
+
+    @classmethod
+    def for_this_machine(cls) -> "_Build":
+        cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *cls.FLAGS, _cpu_signature()]).encode()).hexdigest()
+        return cls(cc, shutil.which(cc), cache_dir() / f"capped_rows-{key[:16]}.so")
+
+    def damage(self) -> str | None:
+        """None when the cached file is the one built here (digest match), else what is wrong with it."""
+        if not self.path.exists():
+            return "not built yet"
+        try:
+            recorded = self.digest_path.read_text().strip()
+        except OSError:
+            return "no recorded digest"
+        actual = _sha256(self.path)
+        return None if actual == recorded else f"digest {actual[:12]} differs from the recorded {recorded[:12]}"
+
+    def compile(self) -> None:
+        """Build into a private temporary folder, prove the result loads in a child process (a crash there costs
+        nothing), then rename the library and its digest into place: readers see a whole file or none."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.path.parent) as tmp:
+            tmp_out = Path(tmp) / self.path.name
+            done = subprocess.run([self.compiler, *self.FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.strip()[-500:] or f"{self.cc} exited with {done.returncode}")
+            probe = subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1]).capped_rows",
+                                    str(tmp_out)], capture_output=True, text=True, timeout=60)
+            if probe.returncode != 0:
+                raise RuntimeError(f"the fresh build does not load (exit {probe.returncode}): "
+                                   f"{probe.stderr.strip()[-300:]}")
+            tmp_digest = Path(tmp) / self.digest_path.name
+            tmp_digest.write_text(_sha256(tmp_out) + "\n")
+            os.replace(tmp_out, self.path)  # atomic; concurrent builders of one source write the same bytes
+            os.replace(tmp_digest, self.digest_path)
 
 
 def _cpu_signature() -> str:
