@@ -58,7 +58,7 @@ def activate(model=None) -> None:
         _adopt_trl_head(patching.unwrap(model))
 
 
-def serve(model, original, spec, options, call):
+def serve(model, original, spec, options, call, _flag=True):
     """forward.PROTOCOLS handler: `model(..., fused_lm_head=True)` -> trl's FusedCausalLMOutput."""
     from trl.trainer.utils import FusedCausalLMOutput
 
