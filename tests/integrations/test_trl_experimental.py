@@ -16,6 +16,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import hf_fusedce  # noqa: E402
 from hf_fusedce.integrations.trl import gkd as gkd_hook  # noqa: E402
+from hf_fusedce.integrations.trl import experimental as trl_experimental  # noqa: E402
 from hf_fusedce.integrations.trl import per_token, preference  # noqa: E402
 from hf_fusedce.testing import assert_as_accurate_as_materialized, rel_err  # noqa: E402
 from integration_helpers import StepTracker, assert_same_metrics, tiny_llama  # noqa: E402
@@ -33,7 +34,6 @@ CASES = {  # name: (trainer, its config's extra arguments)
 
 @pytest.fixture(autouse=True)
 def _hooks_on_notes_fresh(monkeypatch):
-    from hf_fusedce.integrations import trl_experimental
     trl_experimental.activate()  # what hf_fusedce.patch does (idempotent): the hooks exist before any patch
     monkeypatch.setattr(per_token, "_NOTED", set())
 
@@ -279,3 +279,77 @@ def test_peak_memory_at_64000_is_at_most_half_of_stock(tmp_path):
         stock, fused = got[(trainer, "stock")], got[(trainer, "fused")]
         assert fused["peak_bytes"] <= 0.5 * stock["peak_bytes"], (trainer, fused["peak_bytes"], stock["peak_bytes"])
         assert abs(fused["loss"] - stock["loss"]) <= 1e-5 * max(1.0, abs(stock["loss"])), (trainer, fused, stock)
+
+
+# ---- online DPO --------------------------------------------------------------------------------------------
+
+def _online_dpo(tokenizer, records, tmp_path, model, ref, name="online-dpo", **extra):
+    from datasets import Dataset
+    odpo = pytest.importorskip("trl.experimental.online_dpo")
+    common = {**_common(tmp_path, name), "max_length": extra.pop("max_length", 64)}
+    args = odpo.OnlineDPOConfig(max_new_tokens=12, temperature=0.7, **common, **extra)
+    prompts = Dataset.from_list([{"prompt": r["messages"][0]["content"]} for r in records[:8]])
+    trainer = odpo.OnlineDPOTrainer(model=model, ref_model=ref, reward_funcs=_length_reward, args=args,
+                                    train_dataset=prompts, processing_class=tokenizer)
+    cls = type(trainer)
+    if per_token.source_digest(cls._forward.__wrapped__) != trl_experimental.ONLINE_DPO[2]:
+        pytest.skip("this TRL's OnlineDPOTrainer._forward changed: the hook refuses it")
+    return trainer
+
+
+def _length_reward(completions, **kwargs):
+    return [float(len(c)) / 10.0 for c in completions]
+
+
+def _completion_logps_and_grads(trainer, model, batch):
+    model.zero_grad(set_to_none=True)
+    logps = trainer._forward(model, *batch)
+    (logps * batch[3]).sum().backward()
+    return [t.double() for t in (logps.detach(), model.lm_head.weight.grad, model.model.norm.weight.grad)]
+
+
+@pytest.mark.parametrize("max_length", [64, 9])  # 9: TRL truncates the prompts from the left
+def test_online_dpo_logprobs_are_as_accurate_as_stock(max_length, tokenizer, records, tmp_path, op_spy):
+    model = tiny_llama(tokenizer)
+    trainer = _online_dpo(tokenizer, records, tmp_path, model, tiny_llama(tokenizer), max_length=max_length)
+    g = torch.Generator().manual_seed(0)
+    prompt_ids, completion_ids = torch.randint(3, len(tokenizer), (3, 6), generator=g), torch.randint(
+        3, len(tokenizer), (3, 5), generator=g)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 1, 1, 1, 1, 1]])  # left padded
+    completion_mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5, [1, 1, 1, 1, 0]])
+    batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    stock = _completion_logps_and_grads(trainer, model, batch)
+    exact = _completion_logps_and_grads(trainer, model.double(), batch)
+    hf_fusedce.patch(model.float(), chunk_budget_bytes=BUDGET)
+    ours = _completion_logps_and_grads(trainer, model, batch)
+    assert op_spy.calls == 1 and ours[0].shape == stock[0].shape
+    for name, o, s, e in zip(("logps", "d lm_head", "d norm"), ours, stock, exact):
+        assert_as_accurate_as_materialized(o, e, s, name=name)
+
+
+def test_online_dpo_training_matches_stock(tokenizer, records, tmp_path, op_spy, monkeypatch):
+    """Generation (sampled, seeded), a reward function, the policy and the reference model's log-probs."""
+    runs = []
+    for patch in (False, True):
+        model, ref = tiny_llama(tokenizer), tiny_llama(tokenizer)
+        if patch:
+            hf_fusedce.patch(model, chunk_budget_bytes=BUDGET), hf_fusedce.patch(ref, chunk_budget_bytes=BUDGET)
+        trainer = _online_dpo(tokenizer, records, tmp_path, model, ref, name=f"odpo-{patch}")
+        tracker = StepTracker(trainer, len(tokenizer), tokens=lambda inputs: 2 * len(inputs["prompt"]) * 12)
+        trainer.train()
+        runs.append((trainer, tracker))
+    (stock, _), (ours, steps) = runs
+    assert op_spy.calls >= 4  # policy and reference, each step
+    assert_same_metrics(_logs(ours), _logs(stock), rtol=1e-5)
+    for (name, p), q in zip(ours.model.named_parameters(), stock.model.parameters()):
+        assert rel_err(p.detach(), q.detach()) <= 1e-5, name
+    assert steps.ratio < 0.5
+
+
+def test_online_dpo_unpatched_reference_warns(tokenizer, records, tmp_path):
+    model = hf_fusedce.patch(tiny_llama(tokenizer), chunk_budget_bytes=BUDGET)
+    ref = tiny_llama(tokenizer)
+    trainer = _online_dpo(tokenizer, records, tmp_path, model, ref)
+    ids = torch.randint(3, len(tokenizer), (2, 4))
+    with pytest.warns(UserWarning, match="reference model is not patched"):
+        trainer._forward(ref, ids, torch.ones_like(ids), ids, torch.ones_like(ids))
