@@ -353,3 +353,29 @@ def test_online_dpo_unpatched_reference_warns(tokenizer, records, tmp_path):
     ids = torch.randint(3, len(tokenizer), (2, 4))
     with pytest.warns(UserWarning, match="reference model is not patched"):
         trainer._forward(ref, ids, torch.ones_like(ids), ids, torch.ones_like(ids))
+
+
+# ---- trainers without a hook -------------------------------------------------------------------------------
+
+def test_trainer_without_a_hook_warns_once_for_a_patched_model(tokenizer):
+    """A trainer whose loss reads full logits: one warning naming it for a patched model, none for an unpatched
+    one, and the trainer's own compute_loss runs either way."""
+    import types
+
+    class Reads:
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).logits.mean()
+
+    trl_experimental._install_note("Reads", types.SimpleNamespace(Reads=Reads))
+    model, ids = tiny_llama(tokenizer), {"input_ids": torch.tensor([[5, 6, 7]])}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="hf_fusedce")
+        stock = Reads().compute_loss(model, ids)
+    hf_fusedce.patch(model)
+    with pytest.warns(UserWarning, match="Reads runs TRL's own loss on full logits.*no hook for this trainer"):
+        assert torch.equal(Reads().compute_loss(model, ids), stock)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="hf_fusedce")
+        Reads().compute_loss(model, ids)
+    tpo = pytest.importorskip("trl.experimental.tpo.tpo_trainer")
+    assert getattr(tpo.TPOTrainer.compute_loss, "__hf_fusedce__", False)  # a real one is wrapped too

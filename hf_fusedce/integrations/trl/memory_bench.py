@@ -20,7 +20,7 @@ import subprocess
 import sys
 import warnings
 
-TRAINERS = ("sft", "dpo", "kto", "orpo", "cpo", "cpo-simpo", "gkd")
+TRAINERS = ("sft", "dpo", "kto", "grpo", "orpo", "cpo", "cpo-simpo", "gkd", "online-dpo")
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }} "
                  "[/INST]{% else %}{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}"
                  "{% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}")
@@ -49,6 +49,8 @@ def _data(name, records):
     def answer(i):  # two answers: longer completions, as in real preference data
         return " " + records[i % n]["messages"][1]["content"] + " " + records[(i + 3) % n]["messages"][1]["content"]
 
+    if name in ("grpo", "online-dpo"):  # on-policy: prompts only, the completions are generated
+        return Dataset.from_list([{"prompt": r["messages"][0]["content"]} for r in records])
     if name in ("sft", "gkd"):  # chat records: GKD distills the teacher on their assistant turns
         return Dataset.from_list([{"messages": r["messages"]} for r in records])
     if name == "kto":
@@ -89,7 +91,21 @@ def build(name, tok, vocab, fused, out_dir, records, steps=2, batch=8):
         return GKDTrainer(model=model, teacher_model=other, args=GKDConfig(max_length=64, lmbda=0.0, beta=0.5,
                                                                            **common),
                           train_dataset=data, processing_class=tok)
+    if name == "grpo":  # beta=0: no reference model
+        from trl import GRPOConfig, GRPOTrainer
+        args = GRPOConfig(num_generations=2, max_completion_length=32, beta=0.0, **common)
+        return GRPOTrainer(model=model, reward_funcs=_length_reward, args=args, train_dataset=data,
+                           processing_class=tok)
+    if name == "online-dpo":
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+        args = OnlineDPOConfig(max_new_tokens=32, max_length=64, **common)
+        return OnlineDPOTrainer(model=model, ref_model=other, reward_funcs=_length_reward, args=args,
+                                train_dataset=data, processing_class=tok)
     raise ValueError(f"unknown trainer {name!r}; choose among {TRAINERS}")
+
+
+def _length_reward(completions, **kwargs):
+    return [float(len(c)) / 10.0 for c in completions]
 
 
 def measure(name: str, mode: str, vocab: int, out_dir: str, steps: int = 2, batch: int = 8) -> dict:
