@@ -379,3 +379,21 @@ def test_trainer_without_a_hook_warns_once_for_a_patched_model(tokenizer):
         Reads().compute_loss(model, ids)
     tpo = pytest.importorskip("trl.experimental.tpo.tpo_trainer")
     assert getattr(tpo.TPOTrainer.compute_loss, "__hf_fusedce__", False)  # a real one is wrapped too
+
+
+def test_docs_table_is_the_measured_one():
+    """docs/trl.md's trainer table is memory_bench's rendering of its results file (not typed by hand), and the
+    measured fused trainers hold the claim: at most half of stock's peak, the same training loss."""
+    import json
+    from pathlib import Path
+
+    from hf_fusedce.integrations.trl import memory_bench
+    root = Path(__file__).resolve().parents[2]
+    result = json.loads((root / "model_cards/trl_memory/results.json").read_text())
+    page = (root / "docs/trl.md").read_text()
+    block = page.split(memory_bench.MARK_START)[1].split(memory_bench.MARK_END)[0].strip()
+    assert block == memory_bench.render_table(result)
+    assert result["vocab"] == 151936 and {r["trainer"] for r in result["rows"]} == set(memory_bench.TRAINERS)
+    for r in result["rows"]:
+        assert r["ratio"] <= 0.5, r
+        assert abs(r["fused_loss"] - r["stock_loss"]) <= 1e-5 * max(1.0, abs(r["stock_loss"])), r

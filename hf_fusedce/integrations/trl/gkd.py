@@ -101,7 +101,7 @@ def _install(module) -> None:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not is_patched(model):
             return stock(self, model, inputs, return_outputs, num_items_in_batch)
-        reason = _stock_reason(self, cls, proven, return_outputs) or None
+        reason = _stock_reason(self, cls, proven, return_outputs)
         loss = None if reason else _fused_loss(self, model, inputs, num_items_in_batch)
         if loss is not None:
             return loss

@@ -6,7 +6,7 @@ live-tensor tracker, so the reading is the peak of tensor bytes allocated above 
 (activations, logits, gradients, optimizer state; deterministic, independent of the allocator). "fused" patches
 the policy (and the reference model / teacher) before building the trainer; "stock" does not patch.
 
-    python -m hf_fusedce.integrations.trl.memory_bench --vocab 151936 --out model_cards/trl_memory
+    python -m hf_fusedce.integrations.trl.memory_bench --vocab 151936 --out model_cards/trl_memory --docs docs/trl.md
     python -m hf_fusedce.integrations.trl.memory_bench --vocab 64000 --runs orpo:stock orpo:fused  # JSON lines
 """
 from __future__ import annotations
@@ -128,7 +128,7 @@ def measure(name: str, mode: str, vocab: int, out_dir: str, steps: int = 2, batc
 
 def run_isolated(runs, vocab: int, out_dir: str, steps: int = 2, batch: int = 8, timeout: int = 900) -> list[dict]:
     """`measure` of each "trainer:mode" in `runs`, one after the other in one fresh Python process."""
-    cmd = [sys.executable, "-m", __name__, "--vocab", str(vocab), "--work", out_dir, "--steps", str(steps),
+    cmd = [sys.executable, "-m", "hf_fusedce.integrations.trl.memory_bench", "--vocab", str(vocab), "--work", out_dir, "--steps", str(steps),
            "--batch", str(batch), "--runs", *runs]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -151,18 +151,72 @@ def table(vocab: int, trainers, work: str) -> dict:
             "rows": rows}
 
 
-def write(result: dict, out: str) -> None:
+# Every TRL 1.16 trainer: (name, what runs on hf_fusedce's head, memory_bench key or None, the test that proves it)
+T = "tests/integrations/"
+TRAINER_TABLE = (
+    ("SFT", "fused: TRL's fused-LM-head protocol (per-token log-probs, entropy, top-1)", "sft",
+     T + "test_trl_sft.py"),
+    ("DPO", "fused: the protocol, policy and reference model", "dpo", T + "test_trl_preference.py"),
+    ("KTO", "fused: the protocol, policy and reference model", "kto", T + "test_trl_preference.py"),
+    ("GRPO", "fused: the protocol (log-probs, entropy, temperature)", "grpo", T + "test_trl_preference.py"),
+    ("RLOO", "fused: the protocol, policy and reference model", None, T + "test_trl_preference.py"),
+    ("Distillation", "fused: `_chunked_divergence_loss` on the fused distillation op", None,
+     T + "test_trl_distillation.py"),
+    ("ORPO (experimental)", "fused: `concatenated_forward` (log-probs, NLL on chosen, mean logits)", "orpo",
+     T + "test_trl_experimental.py"),
+    ("CPO sigmoid / hinge / IPO / AlphaPO (experimental)", "fused: `concatenated_forward` (as ORPO)", "cpo",
+     T + "test_trl_experimental.py"),
+    ("CPO SimPO (experimental)", "fused: `concatenated_forward` (length-normalised log-probs)", "cpo-simpo",
+     T + "test_trl_experimental.py"),
+    ("GKD (experimental)", "fused: `compute_loss` on the fused distillation op (teacher patched too)", "gkd",
+     T + "test_trl_experimental.py"),
+    ("Online DPO (experimental)", "fused: `_forward` (completion log-probs, policy and reference)", "online-dpo",
+     T + "test_trl_experimental.py"),
+    ("GMPO, BEMA DPO (experimental)", "subclasses of GRPO / DPO: their protocol calls; not run here", None, "none"),
+    ("async GRPO, async distillation (experimental)", "speak the protocol; need a vLLM server, not run here",
+     None, "none"),
+    ("GOLD, TPO, SDPO, SDFT, A2PO, IW-OPD, server distillation (experimental)",
+     "not fused: full logits in their own loss code; a one-time warning for a patched model", None,
+     T + "test_trl_experimental.py"),
+)
+MARK_START, MARK_END = "<!-- trl-trainer-table: start -->", "<!-- trl-trainer-table: end -->"
+
+
+def render_table(result: dict) -> str:
+    """The docs table (every trainer) with the measured rows of `result` (results.json)."""
+    measured = {r["trainer"]: r for r in result["rows"]}
+    lines = [f"Peak tensor memory above the start of training at V={result['vocab']} ({result['device']}, "
+             f"{result['date']}, torch {result['torch']}, transformers {result['transformers']}, trl {result['trl']}; "
+             "`python -m hf_fusedce.integrations.trl.memory_bench`; stock = not patched, TRL's own head or logits):",
+             "", "| trainer | on hf_fusedce's head | stock MiB | fused MiB | fused / stock | test |",
+             "|---|---|---|---|---|---|"]
+    for name, what, key, test in TRAINER_TABLE:
+        r = measured.get(key)
+        figures = (f"{r['stock_mib']:.0f} | {r['fused_mib']:.0f} | {r['ratio']:.2f}" if r else
+                   "not measured | | ")
+        lines.append(f"| {name} | {what} | {figures} | {test if test == 'none' else f'`{test}`'} |")
+    return "\n".join(lines)
+
+
+def write(result: dict, out: str, docs: str | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = [f"Peak tensor memory above the start of training, V={result['vocab']}, {result['device']}, "
-             f"{result['date']}, torch {result['torch']}, transformers {result['transformers']}, "
-             f"trl {result['trl']} (`python -m hf_fusedce.integrations.trl.memory_bench`)", "",
-             "| trainer | stock MiB | fused MiB | fused / stock | stock loss | fused loss |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['trainer']} | {r['stock_mib']:.1f} | {r['fused_mib']:.1f} | {r['ratio']:.2f} | "
+    lines = ["| bench key | stock MiB | fused MiB | fused / stock | stock loss | fused loss |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['trainer']} | {r['stock_mib']:.1f} | {r['fused_mib']:.1f} | {r['ratio']:.3f} | "
               f"{r['stock_loss']:.6f} | {r['fused_loss']:.6f} |" for r in result["rows"]]
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(render_table(result) + "\n\nEach run in its own process, 2 steps:\n\n" + "\n".join(lines) + "\n")
+    if docs:
+        replace_docs_table(docs, render_table(result))
+
+
+def replace_docs_table(path: str, table: str) -> None:
+    text = open(path).read()
+    head, rest = text.split(MARK_START)
+    _, tail = rest.split(MARK_END)
+    with open(path, "w") as f:
+        f.write(f"{head}{MARK_START}\n{table}\n{MARK_END}{tail}")
 
 
 def main(argv=None) -> None:
@@ -170,7 +224,9 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--trainers", nargs="*", default=list(TRAINERS))
     parser.add_argument("--out", default="model_cards/trl_memory")
+    parser.add_argument("--docs", default=None, help="also rewrite the table in this page (docs/trl.md)")
     parser.add_argument("--work", default=None, help="trainers' output_dir (default: a temporary folder)")
+    parser.add_argument("--render", action="store_true", help="re-render from OUT/results.json, measure nothing")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", nargs="*", metavar="TRAINER:MODE",
@@ -183,7 +239,11 @@ def main(argv=None) -> None:
             name, mode = run.split(":")
             print(json.dumps(measure(name, mode, args.vocab, work, args.steps, args.batch)), flush=True)
         return
-    write(table(args.vocab, args.trainers, work), args.out)
+    if args.render:
+        with open(os.path.join(args.out, "results.json")) as f:
+            write(json.load(f), args.out, args.docs)
+        return
+    write(table(args.vocab, args.trainers, work), args.out, args.docs)
 
 
 if __name__ == "__main__":

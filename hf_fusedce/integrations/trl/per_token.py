@@ -35,8 +35,9 @@ def activate() -> None:
 
 def serve(model, original, spec, options, call, request: TokenStatsRequest):
     """forward.PROTOCOLS handler for `KEYWORD`."""
-    if not spec.shift:  # a family whose head input is already aligned with its targets reads them as labels
-        call = {**call, "labels": call.pop("shift_labels")}
+    if not spec.shift:  # a family whose loss takes labels aligned with its positions reads the targets as labels
+        call = dict(call)
+        call["labels"] = call.pop("shift_labels")
     return token_outputs(model, original, spec, options, call, outputs=request.outputs,
                          temperature=request.temperature)
 

@@ -33,13 +33,18 @@ class Kind:
     trainer: str
     padding_attr: str  # the trainer attribute passed to concatenated_inputs as padding_value
     nll_on_labels: bool  # CPO: NLL over the labels; ORPO: over the whole attended sequence
+    nll_weight_attr: str | None  # CPO: no NLL at all when `cpo_alpha` is 0 (TRL's constant 0.0 instead)
+    always_average: bool  # ORPO averages log-probs over the labels; CPO only for its "ipo" and "simpo" losses
     logit_positions_shifted: bool  # ORPO's logits slots drop the last position; CPO's keep it
     digest: str  # of concatenated_forward + get_batch_loss_metrics as proven
 
 
 KINDS = (
-    Kind("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", "padding_value", False, True, "683bb710428324e8"),
-    Kind("trl.experimental.cpo.cpo_trainer", "CPOTrainer", "pad_token_id", True, False, "3f4b0aa39be280ef"),
+    Kind("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", "padding_value", nll_on_labels=False,
+         nll_weight_attr=None, always_average=True, logit_positions_shifted=True, digest="683bb710428324e8"),
+    Kind("trl.experimental.cpo.cpo_trainer", "CPOTrainer", "pad_token_id", nll_on_labels=True,
+         nll_weight_attr="cpo_alpha", always_average=False, logit_positions_shifted=False,
+         digest="3f4b0aa39be280ef"),
 )
 
 
@@ -110,11 +115,11 @@ def _fused(trainer, model, batch, kind: Kind):
 
 
 def _averaged(trainer, kind: Kind) -> bool:
-    return kind.trainer == "ORPOTrainer" or trainer.loss_type in ("ipo", "simpo")
+    return kind.always_average or trainer.loss_type in ("ipo", "simpo")
 
 
 def _nll(trainer, kind: Kind, logps, mask):
     """nn.CrossEntropyLoss (mean over the counted tokens) from their log-probs; CPO skips it at cpo_alpha == 0."""
-    if kind.trainer == "CPOTrainer" and trainer.cpo_alpha == 0:
+    if kind.nll_weight_attr and getattr(trainer, kind.nll_weight_attr) == 0:
         return torch.tensor(0.0).to(trainer.accelerator.device)
     return -(logps * mask).sum() / mask.sum()
