@@ -240,6 +240,35 @@ def test_gkd_loss_is_as_accurate_as_stock(beta, tokenizer, records, tmp_path, mo
         assert_as_accurate_as_materialized(o, e, s, name=f"beta={beta} {name}")
 
 
+def test_gkd_student_with_lora(tokenizer, records, tmp_path, monkeypatch):
+    """LoRA on the student's attention (GKD is an SFTTrainer, which refuses an adapter on lm_head): the fused loss
+    and the adapters' gradients are stock's."""
+    from peft import LoraConfig, get_peft_model
+    student = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                               target_modules=["q_proj", "v_proj"]))
+    teacher = hf_fusedce.patch(tiny_llama(tokenizer, seed=1), chunk_budget_bytes=BUDGET)
+    trainer = _gkd(tokenizer, records, tmp_path, student, teacher)
+    _skip_unless_gkd_proven(type(trainer))
+    batch = next(iter(trainer.get_train_dataloader()))
+    calls = []
+    real = gkd_hook.fused_linear_distillation
+    monkeypatch.setattr(gkd_hook, "fused_linear_distillation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for patch in (False, True):
+        if patch:
+            hf_fusedce.patch(trainer.model, chunk_budget_bytes=BUDGET)
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (stock_loss, stock_grads), (loss, grads) = results
+    assert calls == [1] and any("lora_B" in n for n in grads) and set(grads) == set(stock_grads)
+    assert rel_err(loss, stock_loss) <= 1e-5
+    for name, g in grads.items():
+        assert rel_err(g, stock_grads[name]) <= 1e-5, name
+
+
 def test_gkd_training_matches_stock(tokenizer, records, tmp_path, monkeypatch):
     calls = []
     real = gkd_hook.fused_linear_distillation
@@ -266,16 +295,19 @@ def test_gkd_training_matches_stock(tokenizer, records, tmp_path, monkeypatch):
 
 def test_peak_memory_at_64000_is_at_most_half_of_stock(tmp_path):
     """Peak tensor bytes above the start of training (one step, 2 examples), all runs in one fresh process, each
-    inside its own live-tensor tracker block."""
+    inside its own live-tensor tracker block (the V=151936 table runs each in its own process: memory_bench)."""
     from hf_fusedce.integrations.trl.memory_bench import run_isolated
-    orpo, cpo, gkd = (pytest.importorskip(f"trl.experimental.{k}") for k in ("orpo", "cpo", "gkd"))
+    orpo, cpo, gkd, odpo = (pytest.importorskip(f"trl.experimental.{name}")
+                            for name in ("orpo", "cpo", "gkd", "online_dpo"))
     if not (_proven(preference.KINDS[0], orpo.ORPOTrainer) and _proven(preference.KINDS[1], cpo.CPOTrainer)
             and per_token.source_digest(gkd.GKDTrainer.compute_loss.__wrapped__, gkd.GKDTrainer.generalized_jsd_loss)
-            == gkd_hook.DIGEST):
+            == gkd_hook.DIGEST
+            and per_token.source_digest(odpo.OnlineDPOTrainer._forward.__wrapped__) == trl_experimental.ONLINE_DPO[2]):
         pytest.skip("this TRL changed a hooked method: those trainers run stock (with a warning)")
-    runs = [f"{t}:{m}" for t in ("orpo", "cpo-simpo", "gkd") for m in ("stock", "fused")]
+    trainers = ("orpo", "cpo-simpo", "gkd", "online-dpo")
+    runs = [f"{t}:{m}" for t in trainers for m in ("stock", "fused")]
     got = {(r["trainer"], r["mode"]): r for r in run_isolated(runs, 64000, str(tmp_path), steps=1, batch=2)}
-    for trainer in ("orpo", "cpo-simpo", "gkd"):
+    for trainer in trainers:
         stock, fused = got[(trainer, "stock")], got[(trainer, "fused")]
         assert fused["peak_bytes"] <= 0.5 * stock["peak_bytes"], (trainer, fused["peak_bytes"], stock["peak_bytes"])
         assert abs(fused["loss"] - stock["loss"]) <= 1e-5 * max(1.0, abs(stock["loss"])), (trainer, fused, stock)

@@ -128,24 +128,31 @@ def measure(name: str, mode: str, vocab: int, out_dir: str, steps: int = 2, batc
 
 def run_isolated(runs, vocab: int, out_dir: str, steps: int = 2, batch: int = 8, timeout: int = 900) -> list[dict]:
     """`measure` of each "trainer:mode" in `runs`, one after the other in one fresh Python process."""
-    cmd = [sys.executable, "-m", "hf_fusedce.integrations.trl.memory_bench", "--vocab", str(vocab), "--work", out_dir, "--steps", str(steps),
-           "--batch", str(batch), "--runs", *runs]
+    cmd = [sys.executable, "-m", "hf_fusedce.integrations.trl.memory_bench", "--vocab", str(vocab), "--work",
+           out_dir, "--steps", str(steps), "--batch", str(batch), "--runs", *runs]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(runs)} failed:\n{done.stderr[-3000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"trainer"')]
 
 
-def table(vocab: int, trainers, work: str) -> dict:
+def table(vocab: int, trainers, work: str, jobs: int = 1) -> dict:
+    """Every trainer's stock and fused run, each in its own process (`jobs` processes at a time: the readings are
+    tensor bytes, which processes running side by side do not change)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     import transformers
     import trl
+    runs = [(name, mode) for name in trainers for mode in ("stock", "fused")]
+    with ThreadPoolExecutor(jobs) as pool:
+        done = dict(zip(runs, pool.map(lambda run: run_isolated([f"{run[0]}:{run[1]}"], vocab, work)[0], runs)))
     rows = []
     for name in trainers:
-        stock, fused = (run_isolated([f"{name}:{mode}"], vocab, work)[0] for mode in ("stock", "fused"))
-        rows.append({"trainer": name, "stock_mib": stock["peak_bytes"] / 2**20, "fused_mib": fused["peak_bytes"] / 2**20,
-                     "ratio": fused["peak_bytes"] / stock["peak_bytes"], "stock_loss": stock["loss"],
-                     "fused_loss": fused["loss"]})
+        stock, fused = done[(name, "stock")], done[(name, "fused")]
+        rows.append({"trainer": name, "stock_mib": stock["peak_bytes"] / 2**20,
+                     "fused_mib": fused["peak_bytes"] / 2**20, "ratio": fused["peak_bytes"] / stock["peak_bytes"],
+                     "stock_loss": stock["loss"], "fused_loss": fused["loss"]})
     return {"vocab": vocab, "date": datetime.date.today().isoformat(), "device": f"cpu ({platform.machine()})",
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
             "rows": rows}
@@ -202,7 +209,8 @@ def write(result: dict, out: str, docs: str | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = ["| bench key | stock MiB | fused MiB | fused / stock | stock loss | fused loss |", "|---|---|---|---|---|---|"]
+    lines = ["| bench key | stock MiB | fused MiB | fused / stock | stock loss | fused loss |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['trainer']} | {r['stock_mib']:.1f} | {r['fused_mib']:.1f} | {r['ratio']:.3f} | "
               f"{r['stock_loss']:.6f} | {r['fused_loss']:.6f} |" for r in result["rows"]]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -227,6 +235,7 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", default=None, help="also rewrite the table in this page (docs/trl.md)")
     parser.add_argument("--work", default=None, help="trainers' output_dir (default: a temporary folder)")
     parser.add_argument("--render", action="store_true", help="re-render from OUT/results.json, measure nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", nargs="*", metavar="TRAINER:MODE",
@@ -243,7 +252,7 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "results.json")) as f:
             write(json.load(f), args.out, args.docs)
         return
-    write(table(args.vocab, args.trainers, work), args.out, args.docs)
+    write(table(args.vocab, args.trainers, work, args.jobs), args.out, args.docs)
 
 
 if __name__ == "__main__":
