@@ -16,9 +16,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ...hf.patching import is_patched
 from ..imports import after_import
 from . import gkd, per_token, preference
-from .per_token import is_patched, note_once, source_digest
+from .per_token import note_once, source_digest
 
 UNFUSED = {  # module: trainer class whose compute_loss reads the model's full logits (trl 1.16.0)
     "trl.experimental.gold.gold_trainer": "GOLDTrainer",

@@ -21,9 +21,10 @@ import torch
 
 from ...hf import forward, gather
 from ...hf.forward import capture_head_input, head_operands, head_targets, head_transform
+from ...hf.patching import is_patched
 from ...ops import fused_linear_distillation
 from ..imports import after_import
-from .per_token import is_patched, note_once, source_digest
+from .per_token import note_once, source_digest
 
 MODULE, TRAINER = "trl.experimental.gkd.gkd_trainer", "GKDTrainer"
 DIGEST = "5cfb7de9f3727fb5"  # compute_loss + generalized_jsd_loss, trl 1.16.0

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import logging
 import warnings
 from dataclasses import dataclass
 
-from ...hf import forward, patching
+from ...hf import forward
 from ...hf.token_head import token_outputs
 
 KEYWORD = "hf_fusedce_token_stats"
-logger = logging.getLogger("hf_fusedce")
 _NOTED: set = set()  # (trainer, reason) pairs already reported: each message is given once per process
 
 
@@ -50,7 +48,8 @@ def per_token(model, input_ids, attention_mask, targets, outputs=("log_probs",),
 
 
 def source_digest(*functions) -> str:
-    """A digest of the functions' source: what a hook was proven against (None if a source is unavailable)."""
+    """A digest of the functions' source: what a hook was proven against ("unavailable" without their source,
+    which then never counts as proven)."""
     try:
         text = "\n".join(inspect.getsource(f) for f in functions)
     except (OSError, TypeError):
@@ -65,7 +64,3 @@ def note_once(trainer: str, reason: str) -> None:
     _NOTED.add((trainer, reason))
     warnings.warn(f"hf_fusedce: {trainer} runs TRL's own loss on full logits (stock memory), not hf_fusedce's "
                   f"head: {reason}", stacklevel=3)
-
-
-def is_patched(model) -> bool:
-    return patching.is_patched(model)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...hf.patching import is_patched
 from ..imports import after_import
-from .per_token import is_patched, note_once, per_token, source_digest
+from .per_token import note_once, per_token, source_digest
 
 
 @dataclass(frozen=True)
