@@ -1,12 +1,14 @@
 """Peak memory of TRL trainers, stock vs on hf_fusedce's head, each run in its own process.
 
-One run: a tiny Llama (1 layer, hidden 32) with a large vocabulary, 8 examples from the shipped demo data
-(max_length 64), batch 8, 2 optimizer steps, CPU float32; `trainer.train()` runs inside hf_fusedce.memory's
-live-tensor tracker, so the reading is the peak of tensor bytes allocated above the start of training
-(activations, logits, gradients, optimizer state; deterministic, independent of the allocator). "fused" patches
+One run: a tiny Llama (1 layer, hidden 32) with a large vocabulary, examples from the shipped demo data
+(max_length 64), `--batch` 8 per step, `--steps` optimizer steps (2; the docs table: 1), CPU float32;
+`trainer.train()` runs inside hf_fusedce.memory's live-tensor tracker, so the reading is the peak of tensor bytes
+allocated above the start of training (activations, logits, gradients, optimizer state; deterministic,
+independent of the allocator). "fused" patches
 the policy (and the reference model / teacher) before building the trainer; "stock" does not patch.
 
-    python -m hf_fusedce.integrations.trl.memory_bench --vocab 151936 --out model_cards/trl_memory --docs docs/trl.md
+    python -m hf_fusedce.integrations.trl.memory_bench --vocab 151936 --steps 1 --jobs 3 --out model_cards/trl_memory \
+        --docs docs/trl.md
     python -m hf_fusedce.integrations.trl.memory_bench --vocab 64000 --runs orpo:stock orpo:fused  # JSON lines
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import warnings
 
-TRAINERS = ("sft", "dpo", "kto", "grpo", "orpo", "cpo", "cpo-simpo", "gkd", "online-dpo")
+TRAINERS = ("orpo", "cpo-simpo", "gkd", "online-dpo", "cpo", "sft", "dpo", "kto", "grpo")
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }} "
                  "[/INST]{% else %}{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}"
                  "{% endif %}{% endfor %}{% if add_generation_prompt %} {% endif %}")
@@ -136,26 +138,37 @@ def run_isolated(runs, vocab: int, out_dir: str, steps: int = 2, batch: int = 8,
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"trainer"')]
 
 
-def table(vocab: int, trainers, work: str, jobs: int = 1) -> dict:
+def table(vocab: int, trainers, work: str, jobs: int = 1, steps: int = 2, batch: int = 8, out: str | None = None):
     """Every trainer's stock and fused run, each in its own process (`jobs` processes at a time: the readings are
-    tensor bytes, which processes running side by side do not change)."""
-    from concurrent.futures import ThreadPoolExecutor
+    tensor bytes, which processes running side by side do not change). With `out`, the results so far are
+    written each time a trainer's pair completes."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
     import transformers
     import trl
-    runs = [(name, mode) for name in trainers for mode in ("stock", "fused")]
+    result = {"vocab": vocab, "steps": steps, "batch": batch, "date": datetime.date.today().isoformat(),
+              "device": f"cpu ({platform.machine()})", "torch": torch.__version__,
+              "transformers": transformers.__version__, "trl": trl.__version__, "rows": []}
+    done = {}
     with ThreadPoolExecutor(jobs) as pool:
-        done = dict(zip(runs, pool.map(lambda run: run_isolated([f"{run[0]}:{run[1]}"], vocab, work)[0], runs)))
-    rows = []
-    for name in trainers:
-        stock, fused = done[(name, "stock")], done[(name, "fused")]
-        rows.append({"trainer": name, "stock_mib": stock["peak_bytes"] / 2**20,
-                     "fused_mib": fused["peak_bytes"] / 2**20, "ratio": fused["peak_bytes"] / stock["peak_bytes"],
-                     "stock_loss": stock["loss"], "fused_loss": fused["loss"]})
-    return {"vocab": vocab, "date": datetime.date.today().isoformat(), "device": f"cpu ({platform.machine()})",
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "rows": rows}
+        futures = {pool.submit(run_isolated, [f"{name}:{mode}"], vocab, work, steps, batch): (name, mode)
+                   for name in trainers for mode in ("stock", "fused")}
+        for future in as_completed(futures):
+            name, mode = futures[future]
+            done[(name, mode)] = future.result()[0]
+            if (name, "stock") in done and (name, "fused") in done:
+                result["rows"].append(_row(name, done[(name, "stock")], done[(name, "fused")]))
+                if out:
+                    write(result, out)
+    result["rows"].sort(key=lambda r: trainers.index(r["trainer"]))
+    return result
+
+
+def _row(name, stock, fused) -> dict:
+    return {"trainer": name, "stock_mib": stock["peak_bytes"] / 2**20, "fused_mib": fused["peak_bytes"] / 2**20,
+            "ratio": fused["peak_bytes"] / stock["peak_bytes"], "stock_loss": stock["loss"],
+            "fused_loss": fused["loss"]}
 
 
 # Every TRL 1.16 trainer: (name, what runs on hf_fusedce's head, memory_bench key or None, the test that proves it)
@@ -192,7 +205,8 @@ MARK_START, MARK_END = "<!-- trl-trainer-table: start -->", "<!-- trl-trainer-ta
 def render_table(result: dict) -> str:
     """The docs table (every trainer) with the measured rows of `result` (results.json)."""
     measured = {r["trainer"]: r for r in result["rows"]}
-    lines = [f"Peak tensor memory above the start of training at V={result['vocab']} ({result['device']}, "
+    lines = [f"Peak tensor memory above the start of training at V={result['vocab']}, {result['steps']} optimizer "
+             f"step(s) of batch {result['batch']} ({result['device']}, "
              f"{result['date']}, torch {result['torch']}, transformers {result['transformers']}, trl {result['trl']}; "
              "`python -m hf_fusedce.integrations.trl.memory_bench`; stock = not patched, TRL's own head or logits):",
              "", "| trainer | on hf_fusedce's head | stock MiB | fused MiB | fused / stock | test |",
@@ -214,7 +228,7 @@ def write(result: dict, out: str, docs: str | None = None) -> None:
     lines += [f"| {r['trainer']} | {r['stock_mib']:.1f} | {r['fused_mib']:.1f} | {r['ratio']:.3f} | "
               f"{r['stock_loss']:.6f} | {r['fused_loss']:.6f} |" for r in result["rows"]]
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(render_table(result) + "\n\nEach run in its own process, 2 steps:\n\n" + "\n".join(lines) + "\n")
+        f.write(render_table(result) + "\n\nEach run in its own process:\n\n" + "\n".join(lines) + "\n")
     if docs:
         replace_docs_table(docs, render_table(result))
 
@@ -252,7 +266,8 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "results.json")) as f:
             write(json.load(f), args.out, args.docs)
         return
-    write(table(args.vocab, args.trainers, work, args.jobs), args.out, args.docs)
+    write(table(args.vocab, list(args.trainers), work, args.jobs, args.steps, args.batch, args.out), args.out,
+          args.docs)
 
 
 if __name__ == "__main__":
