@@ -213,8 +213,7 @@ def render_table(result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for name, what, key, test in TRAINER_TABLE:
         r = measured.get(key)
-        figures = (f"{r['stock_mib']:.0f} | {r['fused_mib']:.0f} | {r['ratio']:.2f}" if r else
-                   "not measured | | ")
+        figures = f"{r['stock_mib']:.0f} | {r['fused_mib']:.0f} | {r['ratio']:.2f}" if r else "not measured | - | -"
         lines.append(f"| {name} | {what} | {figures} | {test if test == 'none' else f'`{test}`'} |")
     return "\n".join(lines)
 
