@@ -269,6 +269,24 @@ def test_gkd_student_with_lora(tokenizer, records, tmp_path, monkeypatch):
         assert rel_err(g, stock_grads[name]) <= 1e-5, name
 
 
+def test_gkd_softcapped_student_runs_stock_with_a_warning(tokenizer, records, tmp_path):
+    """Gemma-2's final-logit softcapping: the distillation op does not apply it, so TRL's own loss runs."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    student = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=30.0, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).train()
+    teacher = hf_fusedce.patch(tiny_llama(tokenizer, seed=1), chunk_budget_bytes=BUDGET)
+    trainer = _gkd(tokenizer, records, tmp_path, student, teacher)
+    _skip_unless_gkd_proven(type(trainer))
+    batch = next(iter(trainer.get_train_dataloader()))
+    stock = trainer.compute_loss(student, batch)
+    hf_fusedce.patch(student, chunk_budget_bytes=BUDGET)
+    with pytest.warns(UserWarning, match="GKDTrainer runs TRL's own loss.*softcaps its logits"):
+        assert torch.equal(trainer.compute_loss(student, batch), stock)
+
+
 def test_gkd_training_matches_stock(tokenizer, records, tmp_path, monkeypatch):
     calls = []
     real = gkd_hook.fused_linear_distillation
