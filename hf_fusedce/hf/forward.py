@@ -25,9 +25,9 @@ from .encoder import heads as encoder_heads
 from .heads import HeadSpec, model_type_of, resolve
 from .recorded import media_proven_types
 
-# Outside protocols the patched forward speaks, {call keyword: handler(model, original, spec, options, call)}:
-# a truthy keyword hands the call to its handler. hf_fusedce.integrations registers them (TRL's
-# `fused_lm_head`); hf never imports integrations.
+# Outside protocols the patched forward speaks, {call keyword: handler(model, original, spec, options, call,
+# value)}: a truthy keyword hands the call (without it) and its value to the handler. hf_fusedce.integrations
+# registers them (TRL's `fused_lm_head`, per-token requests of TRL's other trainers); hf never imports integrations.
 PROTOCOLS: dict = {}
 
 
@@ -55,8 +55,9 @@ def generic_forward(model, original, spec: HeadSpec, options: FusedOptions, args
     forward's positional parameter names (cached by the caller; computed here when None)."""
     call = _bind(original, args, kwargs, positional)
     for keyword, handler in PROTOCOLS.items():
-        if keyword in call and call.pop(keyword):
-            return handler(model, original, spec, options, call)
+        value = call.pop(keyword, None)
+        if value:
+            return handler(model, original, spec, options, call, value)
     skip_logits = call.pop("skip_logits", None)  # Trainer / Liger convention: accepted, never forwarded
     if not _should_fuse(model, spec, options, call, skip_logits):
         return original(**call)

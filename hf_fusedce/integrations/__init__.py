@@ -14,6 +14,7 @@ import torch
 from ..hf import patching
 from . import liger, trl
 from .trl import distillation as trl_distillation
+from .trl import experimental as trl_experimental
 
 _WARNED = "_hf_fusedce_displaced_warned"
 
@@ -24,6 +25,7 @@ def patch(model=None, **options):
     if trl.installed():
         trl.activate(model)
         trl_distillation.activate()  # DistillationTrainer: the fused distillation op for patched students
+        trl_experimental.activate()  # trl.experimental's trainers: fused where wired, a warning where not
     if liger.installed():
         liger.activate(model, **options)
     if model is not None:

@@ -12,6 +12,9 @@ temperature, cast_lm_head_to_fp32, outputs)` in `__init__`, which replaces `mode
   `log_probs` are then the smoothed per-token log-likelihood, so TRL's `-log_probs.sum() / n` is exactly
   transformers' LabelSmoother loss).
 
+trl.experimental's trainers (ORPO, CPO, GKD, online DPO, and a warning for the others) are hooked in
+`experimental.py`; DistillationTrainer in `distillation.py`.
+
 trl is imported only when it is installed and already imported, or when it gets imported later (an import
 hook on `trl.trainer.utils`); nothing here runs without it.
 """
@@ -58,7 +61,7 @@ def activate(model=None) -> None:
         _adopt_trl_head(patching.unwrap(model))
 
 
-def serve(model, original, spec, options, call):
+def serve(model, original, spec, options, call, _flag=True):
     """forward.PROTOCOLS handler: `model(..., fused_lm_head=True)` -> trl's FusedCausalLMOutput."""
     from trl.trainer.utils import FusedCausalLMOutput
 
