@@ -316,8 +316,15 @@ def _anchored_err(name: str, ours, stock, exact, floor: float, c: float, eps: fl
     return rel_err(ours, stock, floor=floor)
 
 
+# The "few ulps" of the model-level bound: 32 float32 ulps (3.8e-6). The patched head may form a gradient
+# through one more float32 reduction than stock: LoRA on lm_head gets dB = (dW of the merged weight) A^T, a sum
+# over the hidden size, where stock sums dlogits^T (x A^T) over tokens; measured 2.0e-6 from float64 while
+# stock's was 1.7e-7 (rank 4, hidden 32). A 1e-4 error stays 25x above it.
+MODEL_EPS = 32 * _ULP[torch.float32]
+
+
 def assert_model_as_accurate_as_stock(ours: ModelRun, stock: ModelRun, exact: ModelRun, *, c: float = 4.0,
-                                      eps: float = 8 * _ULP[torch.float32], loss_floor: float = 0.0) -> float:
+                                      eps: float = MODEL_EPS, loss_floor: float = 0.0) -> float:
     """The patched model's loss and every gradient as close to the float64 run as ``c`` times stock float32's
     error, plus ``eps`` (relative, norm-wise; gradients against GRAD_FLOOR x the largest gradient). Why not a
     fixed bound: the float32 difference of patched vs stock is rounding whose size depends on which GEMM kernels
