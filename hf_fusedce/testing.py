@@ -304,8 +304,13 @@ def model_loss_and_grads(model, inputs: dict, *, seed: int = 0) -> ModelRun:
 
 
 def float64_twin(model):
-    """A float64 copy of the (stock) model: the exact-arithmetic reference on the same weights."""
-    return copy.deepcopy(model).double()
+    """A float64 copy of the (stock) model: the exact-arithmetic reference on the same weights. Mixture-of-experts
+    layers run their eager loop (transformers' default grouped_mm has no float64 kernel; the same function)."""
+    twin = copy.deepcopy(model).double()
+    if getattr(twin.config, "_experts_implementation", None) not in (None, "eager") and \
+            hasattr(twin, "set_experts_implementation"):
+        twin.set_experts_implementation("eager")
+    return twin
 
 
 def _anchored_err(name: str, ours, stock, exact, floor: float, c: float, eps: float) -> float:
