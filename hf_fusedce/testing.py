@@ -42,6 +42,7 @@ __all__ = [
     "assert_as_accurate_as_materialized",
     "reduction_bound",
     "compare_to_reference",
+    "MODEL_EPS",
     "ModelRun",
     "model_loss_and_grads",
     "float64_twin",
