@@ -307,11 +307,23 @@ def model_loss_and_grads(model, inputs: dict, *, seed: int = 0) -> ModelRun:
 def float64_twin(model):
     """A float64 copy of the (stock) model: the exact-arithmetic reference on the same weights. Mixture-of-experts
     layers run their eager loop (transformers' default grouped_mm has no float64 kernel; the same function)."""
-    twin = copy.deepcopy(model).double()
+    twin = copy.deepcopy(model, _detached_state(model)).double()
     if getattr(twin.config, "_experts_implementation", None) not in (None, "eager") and \
             hasattr(twin, "set_experts_implementation"):
         twin.set_experts_implementation("eager")
     return twin
+
+
+def _detached_state(model) -> dict:
+    """A deepcopy memo that copies tensors a forward left on the modules (recurrent states, caches) detached:
+    deepcopy refuses a tensor that is not a graph leaf."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if torch.is_tensor(t) and not t.is_leaf:
+                    memo[id(t)] = t.detach().clone()
+    return memo
 
 
 def _anchored_err(name: str, ours, stock, exact, floor: float, c: float, eps: float) -> float:
@@ -339,6 +351,8 @@ def assert_model_as_accurate_as_stock(ours: ModelRun, stock: ModelRun, exact: Mo
     patched error is another draw of stock's size. A wrong gradient (1e-4 relative, a dropped term, a chunk
     counted twice) is well beyond it (tests/hf/test_model_accuracy.py). Returns the largest patched-vs-stock
     relative error (the figure the proof records)."""
+    bad = [n for n, t in (("loss", exact.loss), *exact.grads.items()) if t is not None and not torch.isfinite(t).all()]
+    assert not bad, f"the float64 run is not finite ({bad[:3]}): no reference to compare with"
     worst = _anchored_err("loss", ours.loss, stock.loss, exact.loss, loss_floor, c, eps)
     assert ours.grads.keys() == stock.grads.keys() == exact.grads.keys(), "parameters differ between the runs"
     norms = {n: float(g.double().norm()) for n, g in exact.grads.items() if g is not None}

@@ -256,15 +256,15 @@ def _float64_run(model, ids, labels, **kw) -> ModelRun | None:
     None when the family cannot run in float64 (then the fixed TOL bounds patched vs stock). transformers'
     loss upcasts logits with `.float()`, so the reference's last log-softmax is float32 (a few ulps, inside
     the bound's eps); the body and the logits are float64."""
-    twin = float64_twin(model)
     for attention in (None, "sdpa"):  # eager attention in float64 turns a fully masked (left-padded) row into
-        try:                          # NaN (its -finfo.max mask overflows); sdpa computes the same function
+        try:                          # NaN (its finfo.min mask overflows); sdpa computes the same function
+            twin = float64_twin(model)
             if attention:
                 twin.set_attn_implementation(attention)
             out, grads = _loss_and_grads(twin, ids, labels, **inputs_in(kw, torch.float64))
         except Exception:  # noqa: BLE001 - e.g. a kernel without a float64 implementation
             return None
-        if torch.isfinite(out.loss):
+        if all(bool(torch.isfinite(t).all()) for t in (out.loss, *grads.values()) if t is not None):
             return ModelRun(out.loss.detach(), grads)
     return None
 
