@@ -87,6 +87,7 @@ def test_records_are_honest(matrix_run):
     for impl in ("ours-torch", "stock"):
         r = _rec(doc, impl, 128)
         assert r["reference"].startswith("float64")
+        # Fixed: the bench's recorded float64-reference errors are its output format; a sanity bound, not the oracle.
         assert r["loss_rel_err"] < 1e-5 and r["dh_rel_err"] < 1e-4 and r["dw_rel_err"] < 1e-4
     assert "loss_rel_err" not in _rec(doc, "ours-torch", 512)  # only where cheap (ref at min N)
     assert "loss" not in _rec(doc, "floor", 128)  # the floor computes no loss

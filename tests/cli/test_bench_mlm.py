@@ -6,6 +6,7 @@ from hf_fusedce.bench import mlm_head
 def test_mlm_head_bench_small():
     res = mlm_head.run(tokens=256, hidden=32, vocab=3001, mask_rate=0.15, reps=1)
     assert 0 < res["shape"]["labelled"] < 256 * 0.3
+    # Fixed: the bench's own recorded error figure (its output format) at one small shape.
     assert all(err <= 1e-5 for err in res["rel_err"].values()), res["rel_err"]
     assert res["fused"]["peak_mib"] < res["stock"]["peak_mib"]
     assert res["stock"]["peak_mib"] >= 2 * 256 * 3001 * 4 / 2**20  # logits and their gradient, at least

@@ -62,6 +62,7 @@ def test_softcap_shape_runs_ours_and_stock_with_softcap(tmp_path):
                          __import__("torch").device("cpu"), BenchConfig(ref="none"), sink.append, rounds=1)
     by = {r["impl"]: r for r in sink}
     assert by["ours-torch"]["status"] == by["stock"]["status"] == "ok"
+    # Fixed: the bench's loss figures (ref="none": no float64 run at this shape); a sanity bound on its output.
     assert abs(by["ours-torch"]["loss"] - by["stock"]["loss"]) <= 1e-5 * abs(by["stock"]["loss"])
     assert "softcapping" in by["torch-lce"]["status"]
 

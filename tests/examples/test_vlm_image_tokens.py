@@ -32,5 +32,6 @@ def test_image_tokens_are_compacted_away(tmp_path, image_fraction):
     assert full["flops"] == 6 * (shape["tokens"] - 1) * 32 * 1000  # only the last position (no next token)
     assert fused["peak_bytes"] < full["peak_bytes"] < stock["peak_bytes"]
     assert 0 < fused["peak_above_grads_bytes"] < stock["peak_above_grads_bytes"]
+    # Fixed: the example's own recorded errors (its output format); the VLM model tests anchor to float64.
     assert out["loss_rel_err"] < 1e-6 and out["grad_rel_err"] < 1e-5
     assert os.path.exists(tmp_path / "r.json")

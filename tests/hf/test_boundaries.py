@@ -11,9 +11,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import hf_fusedce
 from hf_fusedce import testing
-from hf_fusedce.testing import rel_err
-
-TOL = 1e-5
+from hf_fusedce.testing import ModelRun, assert_model_as_accurate_as_stock, float64_twin
 
 
 def tiny_llama(tie=False):
@@ -24,12 +22,18 @@ def data():
     return testing.tiny_batch(prompt=3)
 
 
-def loss_and_grads(model, **kw):
+def loss_and_grads(model, **kw) -> ModelRun:
     ids, labels = data()
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=labels, **kw).loss
     loss.backward()
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return ModelRun(loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def assert_as_accurate_as(stock, fused, stock_run: ModelRun | None = None, fused_run: ModelRun | None = None):
+    """The fused model's loss and gradients as close to the float64 stock model as stock float32 is."""
+    exact = loss_and_grads(float64_twin(stock))
+    assert_model_as_accurate_as_stock(fused_run or loss_and_grads(fused), stock_run or loss_and_grads(stock), exact)
 
 
 # ---- point 1: decided by class ------------------------------------------------------------------------------
@@ -82,10 +86,10 @@ def test_subclass_with_its_own_forward_is_refused_and_one_without_is_fused():
     with pytest.raises(ValueError, match="OwnForward.forward, not a class of transformers' causal-LM mapping"):
         hf_fusedce.patch(OwnForward(config))
     stock = OnlyMethods(config)
-    s_loss, _ = loss_and_grads(stock)
     fused = hf_fusedce.patch(copy.deepcopy(stock))
-    loss, _ = loss_and_grads(fused)
-    assert rel_err(loss, s_loss) <= TOL
+    run = loss_and_grads(fused)
+    assert run.grads
+    assert_as_accurate_as(stock, fused, fused_run=run)
 
 
 # ---- point 6: a model's own `except Exception` around its head ------------------------------------------------
@@ -107,14 +111,9 @@ def test_a_model_catching_exceptions_around_its_head_still_trains_exactly():
     """The capture raises nothing, so nothing is swallowed (an exception-based capture lost every body gradient
     here: the fallback's detached input was captured instead)."""
     stock = GuardedHead(tiny_llama().config)
-    s_loss, s_grads = loss_and_grads(stock)
     with pytest.warns(UserWarning, match="forced"):
         fused = hf_fusedce.patch(copy.deepcopy(stock), force=True)
-    loss, grads = loss_and_grads(fused)
-    assert rel_err(loss, s_loss) <= TOL
-    assert grads.keys() == s_grads.keys()
-    for name, g in s_grads.items():
-        assert rel_err(grads[name], g) <= TOL, name
+    assert_as_accurate_as(stock, fused)  # the same parameters get gradients: a lost body gradient fails it
 
 
 def test_a_head_forward_assigned_after_patch_is_still_fused_and_restored_by_unpatch(monkeypatch):
@@ -123,7 +122,6 @@ def test_a_head_forward_assigned_after_patch_is_still_fused_and_restored_by_unpa
     from hf_fusedce import ops
 
     stock = tiny_llama()
-    s_loss, s_grads = loss_and_grads(stock)
     model = hf_fusedce.patch(copy.deepcopy(stock))
     head = model.lm_head
 
@@ -134,24 +132,22 @@ def test_a_head_forward_assigned_after_patch_is_still_fused_and_restored_by_unpa
     calls, real = [], ops.fused_linear_cross_entropy
     monkeypatch.setattr("hf_fusedce.hf.forward.fused_linear_cross_entropy",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    loss, grads = loss_and_grads(model)
+    run = loss_and_grads(model)
     assert calls, "the fused op did not run"
-    assert rel_err(loss, s_loss) <= TOL
-    for name, g in s_grads.items():
-        assert rel_err(grads[name], g) <= TOL, name
+    assert_as_accurate_as(stock, model, fused_run=run)
     hf_fusedce.unpatch(model)
     assert head.forward is assigned_forward
 
 
 # ---- point 4: accelerate's hooks on the head --------------------------------------------------------------------
 
-def _embeds_loss_and_grad(model, embed_weight):
+def _embeds_loss_and_grad(model, embed_weight) -> ModelRun:
     """Loss and d loss / d inputs_embeds (offloaded parameters are reloaded per call: their .grad is not kept)."""
     ids, labels = data()
     embeds = torch.nn.functional.embedding(ids, embed_weight).requires_grad_(True)
     loss = model(inputs_embeds=embeds, labels=labels).loss
     loss.backward()
-    return loss.detach(), embeds.grad
+    return ModelRun(loss.detach(), {"inputs_embeds": embeds.grad})
 
 
 @pytest.mark.parametrize("order", ["patch_then_offload", "offload_then_patch"])
@@ -160,7 +156,8 @@ def test_accelerate_offloaded_head_is_called_through_its_hooks(how, order, tmp_p
     accelerate = pytest.importorskip("accelerate")
     stock = tiny_llama()
     embed_weight = stock.model.embed_tokens.weight.detach().clone()
-    s_loss, s_grad = _embeds_loss_and_grad(stock, embed_weight)
+    exact = _embeds_loss_and_grad(float64_twin(stock), embed_weight.double())
+    stock_run = _embeds_loss_and_grad(stock, embed_weight)
 
     def offload(m):
         if how == "cpu_offload":
@@ -177,13 +174,12 @@ def test_accelerate_offloaded_head_is_called_through_its_hooks(how, order, tmp_p
         model = hf_fusedce.patch(offload(model), backend="torch")
     assert model.lm_head.weight.device.type == "meta"  # outside its call the head has no weight here
     assert hf_fusedce.is_patched(model)
-    loss, grad = _embeds_loss_and_grad(model, embed_weight)
+    fused_run = _embeds_loss_and_grad(model, embed_weight)
     out = model(inputs_embeds=torch.nn.functional.embedding(data()[0], embed_weight), labels=data()[1])
     assert out.logits is None  # the fused path ran
-    assert rel_err(loss, s_loss) <= TOL and rel_err(grad, s_grad) <= TOL
-    hf_fusedce.unpatch(model)
-    assert rel_err(model(inputs_embeds=torch.nn.functional.embedding(data()[0], embed_weight),
-                         labels=data()[1]).loss, s_loss) <= TOL  # unpatched: accelerate's hooks still in place
+    assert_model_as_accurate_as_stock(fused_run, stock_run, exact)
+    hf_fusedce.unpatch(model)  # unpatched: accelerate's hooks still in place, the stock computation again
+    assert_model_as_accurate_as_stock(_embeds_loss_and_grad(model, embed_weight), stock_run, exact)
 
 
 # ---- point 7: the proof's reach ---------------------------------------------------------------------------------
@@ -206,11 +202,10 @@ def test_image_inputs_of_a_type_proven_on_text_only_run_stock_with_a_warning(mon
 
 
 def test_image_inputs_of_a_proven_type_are_fused():
+    from hf_fusedce.hf import proof
     model, ids, labels, extra = _gemma3_image_batch()
-    stock = model(input_ids=ids, labels=labels, **extra).loss
-    hf_fusedce.patch(model, backend="torch")
-    out = model(input_ids=ids, labels=labels, **extra)
-    assert out.logits is None and rel_err(out.loss, stock) <= TOL
+    # stock, patched (fused: its forward returns no logits, or compare raises) and float64 runs, every gradient
+    proof.compare(model, ids, labels, **extra)
 
 
 def test_quirks_are_forced_even_when_their_default_is_none():

@@ -83,6 +83,7 @@ def test_liger_after_patch(llama_rope_restored, caplog):
         lt.apply_liger_kernel_to_llama(model=model, **ROPE_ONLY)  # fused_linear_cross_entropy defaults to True
     assert any("Liger Kernel composed" in r.message for r in caplog.records)
     loss = _check_composed(model, llama_rope_restored)
+    # Fixed: the loss only (a scalar of ~4.6 on a tiny model), composition with Liger's patches is what is tested.
     assert abs(loss.item() - stock.item()) < 1e-5
 
 

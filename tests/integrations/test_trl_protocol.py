@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("trl")
 
 import hf_fusedce  # noqa: E402
-from hf_fusedce.testing import rel_err  # noqa: E402
+from hf_fusedce.testing import (MODEL_EPS, ModelRun, assert_as_accurate_as_materialized,  # noqa: E402
+                                assert_model_as_accurate_as_stock, rel_err)
 from integration_helpers import tiny_llama  # noqa: E402
 
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -44,24 +45,25 @@ def _outputs_and_grads(model):
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _trl_reference():
+def _trl_reference(dtype=torch.float32):
     import trl.trainer.utils as tu
-    model = tiny_llama(_Tok())
+    model = tiny_llama(_Tok()).to(dtype)
     getattr(tu.add_fused_lm_head, "__wrapped__", tu.add_fused_lm_head)(model, **HEAD)  # TRL's own head
     return _outputs_and_grads(model)
 
 
-def _assert_same(ours, theirs):
+def _assert_same(ours, theirs, exact=None):
+    """Every field and gradient of ours as close to TRL's head on the float64 model as TRL's in float32 is."""
     (o, og), (t, tg) = ours, theirs
+    e, eg = exact or _trl_reference(torch.float64)
     for name in (*FIELDS, "label_mask", "loss"):
         a, b = getattr(o, name), getattr(t, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if a.dtype == torch.bool:
             assert torch.equal(a, b), name
         else:
-            assert rel_err(a, b) < 1e-5, name
-    for name in tg:
-        assert rel_err(og[name], tg[name]) < 1e-5, name
+            assert_as_accurate_as_materialized(a, getattr(e, name), b, eps=MODEL_EPS, name=name)
+    assert_model_as_accurate_as_stock(ModelRun(o.loss, og), ModelRun(t.loss, tg), ModelRun(e.loss, eg))
 
 
 def test_patch_then_trl_head(op_spy):

@@ -86,6 +86,8 @@ def test_protocol_on_vlm_matches_trl_head(family, records, op_spy, order):
     for name in (*FIELDS, "label_mask", "loss"):
         a, b = getattr(o, name), getattr(t, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
+        # Fixed: our head vs TRL's own head, both fused float32 heads on the same logits path; the anchored
+        # version of this comparison is tests/integrations/test_trl_protocol.py (TRL's head on the float64 model).
         assert torch.equal(a, b) if a.dtype == torch.bool else rel_err(a, b) < 1e-5, name
     assert og.keys() == tg.keys() and any(_is_vision(n) for n in tg)
     floor = 1e-3 * max(g.abs().max() for g in tg.values())  # a gradient that is zero in exact arithmetic (the
@@ -135,6 +137,7 @@ def _same_updates(ours, stock, initial):
     floor = 1e-3 * max(d.abs().max() for d in theirs.values())
     assert floor > 0 and any(_is_vision(n) and d.abs().max() > floor for n, d in theirs.items())
     for name, d in theirs.items():
+        # Parameters after SGD steps: no float64 run of the trainer; the rounding of p - p0 is added explicitly.
         rounding = 4 * torch.finfo(d.dtype).eps * start[name].detach().abs().max()  # of p - p0, in float32
         assert (mine[name] - d).abs().max() <= 1e-5 * max(d.abs().max(), floor) + rounding, name
 
