@@ -37,8 +37,8 @@ def render(doc: dict) -> str:
              f"transformers {doc['transformers']}, torch {doc['torch']}, CPU, float32, backend=torch: " +
              ", ".join(f"{n} {s}" for s, n in count.items()) + ". Every type of AutoModelForSeq2SeqLM, "
              "AutoModelForSpeechSeq2Seq and AutoModelForMaskedLM (a class in two mappings: under its first).", "",
-             "Proven = patched vs stock loss and every parameter gradient (rel err <= "
-             f"{doc['tolerance']:g}), tied and untied heads where the family allows (`-scaled`: T5's d_model**-0.5 "
+             "Proven = patched vs stock loss and every parameter gradient ("
+             f"{doc.get('criterion') or 'rel err <= %g' % doc['tolerance']}), tied and untied heads where the family allows (`-scaled`: T5's d_model**-0.5 "
              "rescale of a tied head), ignored positions, `num_items_in_batch`, a padded batch (`padded`); speech "
              "models on their feature extractor's features of a generated waveform (`audio`). Refused types raise "
              "with the reason at `patch()`; decoder-only audio LMs listed in these mappings follow the causal / "

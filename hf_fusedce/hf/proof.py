@@ -26,6 +26,8 @@ from .recorded import media_proven_types, media_status, status_text  # noqa: F40
 # a family that cannot run in float64.
 TOL = 1e-5
 TOL64 = TOL
+CRITERION = ("as close to the float64 stock model as stock float32 is: |ours - f64| <= 4 |stock - f64| + 32 ulps, "
+             "loss and every gradient (float64 models, and families without a float64 run: within 1e-05 of stock)")
 # Relative errors are taken against max(|stock|, FLOOR): gradients that are analytically zero (attention key
 # biases: softmax is shift invariant) are float noise (~1e-9) on both sides, and a relative error of noise
 # means nothing. Any real gradient in these tiny models has norm >> FLOOR.

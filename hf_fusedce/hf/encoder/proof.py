@@ -248,7 +248,7 @@ def run(entries=None, workers: int = 2) -> dict:
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_prove_one, entries))
     return {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0],
-            "tolerance": proof.TOL, "results": results}
+            "tolerance": proof.TOL, "criterion": proof.CRITERION, "results": results}
 
 
 if __name__ == "__main__":  # python -m hf_fusedce.hf.encoder.proof [--refresh]
