@@ -35,7 +35,6 @@ __all__ = [
     "assert_within_tolerance",
     "accuracy_bound",
     "assert_as_accurate_as_materialized",
-    "reduction_bound",
     "compare_to_reference",
     "make_inputs",
     "triton_backend_status",
@@ -215,13 +214,6 @@ def accuracy_bound(ref: torch.Tensor, materialized: torch.Tensor, *, c: float = 
     if eps is None:
         eps = 8 * _ULP.get(materialized.dtype, _ULP[torch.float32])
     return c * rel_err(materialized, ref) + eps
-
-
-def reduction_bound(n: int, dtype: torch.dtype = torch.float32, c: float = 2.0) -> float:
-    """A relative error bound for a quantity made of float sums of ``n`` terms: ``c * ulp(dtype) * sqrt(n)``
-    (rounding errors add like a random walk). For when no same-dtype materialized run is a fair baseline, e.g. a
-    divergence the fused op forms as a difference of vocabulary sums while the stock one sums elementwise."""
-    return c * _ULP[dtype] * math.sqrt(n)
 
 
 def assert_as_accurate_as_materialized(ours: torch.Tensor, ref: torch.Tensor, materialized: torch.Tensor, *,
