@@ -140,6 +140,19 @@ def test_supported_rows_count_the_proof():
             and f"{count['refused']} refused" in row), (row, count)
 
 
+def test_patching_page_counts_the_proof():
+    doc, causal, _ = _causal_and_multimodal()
+    count = Counter(r["status"] for r in causal)
+    worst = max(float(re.search(r"rel err ([\d.e+-]+)", r["reason"]).group(1)) for r in causal
+                if r["status"] == "failed")
+    text = " ".join((ROOT / "docs" / "patching.md").read_text().split())
+    want = (f"With transformers {'.'.join(doc['transformers'].split('.')[:2])} (causal-LM mapping): "
+            f"{count['proven']} families proven, {count['skipped']} skipped")
+    assert want in text, want
+    assert re.sub(r"e-0(\d)", r"e-\1", f"{count['refused']} refused with the reason, {count['failed']} failing at "
+                                          f"{worst:.1e}") in text
+
+
 def test_release_totals_are_the_proof():
     doc = json.loads((DATA / "proof_results.json").read_text())
     count = Counter(r["status"] for r in doc["results"])
@@ -161,3 +174,11 @@ def test_stated_chunk_defaults_are_the_code():
             mib = int(match.group(1) or match.group(2))
             assert match.group(1) is None, f"{page.name}: '{match.group(0)}': the CE op's CPU default is the plan's pick"
             assert mib == fixed, f"{page.name}: '{match.group(0)}' but the fixed default is {fixed} MiB"
+
+
+def test_op_docstring_names_the_cpu_cap():
+    """The op's help (shown by help() and the docs) names the CPU plan's cap on the chunk."""
+    from hf_fusedce import fused_linear_cross_entropy
+    from hf_fusedce.ops.planning.cpu_plan import MAX_BUDGET_BYTES
+
+    assert f"CPU <= {MAX_BUDGET_BYTES >> 20} MiB" in " ".join(fused_linear_cross_entropy.__doc__.split())
