@@ -205,7 +205,7 @@ def accuracy_bound(ref: torch.Tensor, materialized: torch.Tensor, *, c: float = 
     materialized computation in the same dtype, plus ``eps`` (default 8 ulps of ``materialized``'s dtype).
 
     Why not a fixed number: a float32 error depends on the summation order the BLAS and the thread count choose;
-    on one CPU an op's dh error was 6.5e-6, on another 1.14e-5 (issue 24). The materialized run on the same
+    on one CPU an op's dh error was 6.5e-6, on another 1.14e-5. The materialized run on the same
     machine carries the same conditioning (cancellation in p - q, vocabulary length), so the ratio is what is
     portable. c = 4: ours sums in a different order (chunks, row blocks) than the materialized run, so its error
     is another draw of the same size; measured ratios 0.66-1.44 (docs/numerics-tolerances.md). A wrong

@@ -266,7 +266,7 @@ def test_entropy_sum_from_the_same_pass(backend, beta):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_large_vocabulary_keeps_float32_accuracy(backend, beta):
     """V = 32000: per-row sums over the vocabulary must not drift (a sequential dot product lost 1e-5 here). The
-    bound is the materialized float32 run's own error (x4): a fixed 1e-5 failed on another CPU (issue 24: dh
+    bound is the materialized float32 run's own error (x4): a fixed 1e-5 failed on another CPU (dh
     1.14e-5 there, 6.5e-6 here, materialized 4.8e-6 here)."""
     g = torch.Generator().manual_seed(4)
     hs, ws = torch.randn(6, 16, generator=g), torch.randn(32000, 16, generator=g) * 0.8
