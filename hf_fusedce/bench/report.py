@@ -43,8 +43,9 @@ class ResultSink:
 
     def finish(self) -> list[str]:
         self.write_json()
-        return [os.path.join(self.out_dir, JSON_NAME), write_markdown(self.doc, self.out_dir),
-                write_plot(self.doc, self.out_dir)]
+        written = [os.path.join(self.out_dir, JSON_NAME), write_markdown(self.doc, self.out_dir),
+                   write_plot(self.doc, self.out_dir), write_headline(self.doc, self.out_dir)]
+        return [path for path in written if path]
 
 
 def load(path: str) -> dict:
@@ -137,6 +138,18 @@ def _rates_and_model(rs: pd.DataFrame, d: int, v: int) -> str:
             f"{k} {e.seconds * 1e3:.1f} ms = {e.x_floor:.2f}x its floor, overhead {e.overhead_bytes / _MiB:,.0f} MiB"
             for k, e in est.items()))
     return "\n".join(out)
+
+
+def write_headline(doc: dict, out_dir: str) -> str | None:
+    """headline.md: the README's "Measured" table from these records (None when no op ran)."""
+    from .headline import NAME, render
+
+    if not any(r.get("record") == "op" and r.get("status") == "ok" for r in doc["records"]):
+        return None
+    path = os.path.join(out_dir, NAME)
+    with open(path, "w") as f:
+        f.write(render(doc))
+    return path
 
 
 def write_markdown(doc: dict, out_dir: str) -> str:

@@ -44,7 +44,7 @@ def fused_linear_cross_entropy(
     token's loss (the mean still divides by the count of non-ignored tokens). Soft targets: ``targets`` of
     shape (..., k) holding class ids and ``target_probs`` (..., k) their probabilities. ``z_loss`` adds
     z_loss * logsumexp(z)^2 per non-ignored token. ``chunk_budget_bytes`` bounds the logits working set
-    (default: picked per shape, CPU <= 512 MiB (ops/planning/cpu_plan.py), CUDA by
+    (default: picked per shape, CPU <= 768 MiB (ops/planning/cpu_plan.py), CUDA by
     ops/planning/cost_model.py; env HF_FUSEDCE_CHUNK_BUDGET_MB). ``dw_accumulation`` ("auto" | "fp32" | "native")
     sets how a bf16/fp16 weight's gradient accumulates over chunks (README, "GPU status"). The loss is float32.
 

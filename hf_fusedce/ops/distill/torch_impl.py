@@ -1,18 +1,27 @@
 """Distillation loss and dL/dz_student for one chunk of logits rows, in plain PyTorch (the `torch` backend,
 and the readable twin of triton_impl.distill_rows).
 
-Per row, with s = z_s / T, t = z_t / T, log p = log_softmax, counted-token weight w and upstream factor c:
-    beta = 0:  L = KL(p_t || p_s) = sum p_t (log p_t - log p_s)         dL/ds = p_s - p_t
-    beta = 1:  L = KL(p_s || p_t) = sum p_s (log p_s - log p_t)         dL/ds = p_s (log p_s - log p_t - L)
+Per row, with s = z_s / T, t = z_t / T, counted-token weight w and upstream factor c:
+    beta = 0:  L = KL(p_t || p_s)                                      dL/ds = p_s - p_t
+    beta = 1:  L = KL(p_s || p_t)                                      dL/ds = p_s (log p_s - log p_t - L)
     else:      m = (1-beta) p_s + beta p_t,  L = beta KL(p_t || m) + (1-beta) KL(p_s || m)
                                                                        dL/ds = (1-beta) p_s (log p_s - log m - KL(p_s || m))
     hard labels (weight h, temperature 1): L += h (lse(z_s) - z_s[y]),  dL/dz_s += h (softmax(z_s) - onehot(y))
     dL/dz_s = w c (dL/ds / T + hard part). No T^2 factor (TRL's convention).
+
+How, in float32 as close to float64 as the logits allow. The textbook sum p_t (log p_t - log p_s) forms each log p
+as x - lse: near-equal distributions over V = 32000 have lse ~ log V ~ 10 and log p_t - log p_s ~ 0.1, so the
+lse's rounding (1e-6) is ~1e-5 of every term and of the loss (the materialized computation's error). Instead:
+    k = max t - max s;  x = (z_t - z_s) / T - k;  W = sum e^(s - max s);  A = sum e^(s - max s) expm1(x)
+    r = log p_t - log p_s = x - log1p(A / W)       (A / W is small where it matters: no lse difference)
+    p_s = e^(s - max s) / W,  p_t = e^(t - max t) / (W + A),  p_t - p_s = p_s expm1(r) = -p_t expm1(-r)
+(the expm1 of -|r| is in (-1, 0]: nothing overflows), and every divergence is summed as non-negative terms,
+KL(P || Q) = sum P (e^y - 1 - y) with y = log Q / P, whose total has no cancellation. The error is then the
+rounding of the logits themselves (measured in tests/ops/test_distillation.py against float64).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -44,26 +53,17 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1)
 
 
-def _scaled_log_softmax(x: torch.Tensor, inv_t: float, acc: torch.dtype) -> torch.Tensor:
-    x = x.to(acc)
-    return torch.log_softmax(x.mul_(inv_t) if inv_t != 1.0 else x, dim=1)
-
-
 @torch_impl.in_row_blocks
 def _blockwise(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_grad: bool, scratch) -> torch.Tensor:
     """distill_rows on a block of rows whose teacher logits are given (its temporaries are its own: `scratch` is
-    not used). Few, large ops: on a busy CPU every op pays a thread barrier, so the op count matters as much as
-    the passes."""
+    not used)."""
     acc = _acc_dtype(z)
     inv_t = 1.0 / spec.temperature
     hard_loss, hard_p = _hard_label_part(z, rows, spec, acc, compute_grad)
-    log_ps = _scaled_log_softmax(z, inv_t, acc)  # z itself is scaled in place when float32: only dL/dz goes there
-    log_pt = _scaled_log_softmax(rows.teacher_logits(), inv_t, acc)
-    if rows.entropy_sum is not None:  # -sum p_s log p_s of the counted rows
-        entropy = _row_dot(log_ps.exp(), log_ps).neg_()
-        rows.entropy_sum += torch.where(rows.weight != 0, entropy, torch.zeros_like(entropy)).sum()
-    out = z if z.dtype == acc else None  # the gradient is written straight into a float32 chunk
-    loss, grad = _divergence(log_ps, log_pt, spec.beta, compute_grad, out)
+    parts = _log_ratio(z, rows.teacher_logits(), inv_t, acc, rows.entropy_sum is not None)
+    if rows.entropy_sum is not None:
+        rows.entropy_sum += torch.where(rows.weight != 0, parts.entropy, torch.zeros_like(parts.entropy)).sum()
+    loss, grad = _divergence(parts, spec.beta, compute_grad)
     if hard_loss is not None:
         loss = loss + spec.hard_label_weight * hard_loss
     active = rows.weight != 0
@@ -75,37 +75,62 @@ def _blockwise(z: torch.Tensor, rows: TeacherRows, spec: DistillSpec, compute_gr
     if hard_p is not None:  # h (softmax(z) - onehot(y)) at temperature 1
         grad.add_(hard_p.mul_(spec.hard_label_weight * coef))
         grad.scatter_add_(1, rows.ids, -spec.hard_label_weight * coef)
-    if grad.data_ptr() != z.data_ptr():
-        z.copy_(grad)
+    z.copy_(grad)
     return loss
 
 
-def _divergence(log_ps, log_pt, beta, compute_grad, out):
-    """Per-row loss and (if asked) dL/ds, written into `out` when given (else into a consumed input).
-    log_ps and log_pt are consumed."""
-    if beta == 0.0:
-        p_t = log_pt.exp()
-        loss = _row_dot(p_t, log_pt.sub_(log_ps))
-        if not compute_grad:
-            return loss, None
-        return loss, torch.exp(log_ps, out=out if out is not None else log_ps).sub_(p_t)
-    if beta == 1.0:
-        p_s = log_ps.exp()
-        log_ratio = log_ps.sub_(log_pt)
-        loss = _row_dot(p_s, log_ratio)
-        if not compute_grad:
-            return loss, None
-        return loss, torch.mul(log_ratio.sub_(loss[:, None]), p_s, out=out if out is not None else p_s)
-    log_m = torch.logaddexp(log_ps + math.log(1.0 - beta), log_pt + math.log(beta))
-    kl_t = _row_dot(log_pt.exp(), log_pt.sub_(log_m))
-    p_s = log_pt.copy_(log_ps).exp_()  # log_pt's buffer is free now
-    log_ratio_s = log_ps.sub_(log_m)
-    kl_s = _row_dot(p_s, log_ratio_s)
+@dataclasses.dataclass
+class LogRatio:
+    """Per row block: r = log p_t - log p_s (exact to the rounding of the logits' difference), p_s, p_t,
+    e = expm1(-|r|), diff = p_t - p_s without cancellation, and the student's entropy (None unless asked)."""
+
+    r: torch.Tensor
+    p_s: torch.Tensor
+    p_t: torch.Tensor
+    e: torch.Tensor
+    diff: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def _log_ratio(z, zt, inv_t, acc, with_entropy) -> LogRatio:
+    """The module docstring's r, p_s, p_t, p_t - p_s (never log p = x - lse, see there)."""
+    s, t = z.to(acc, copy=True).mul_(inv_t), zt.to(acc, copy=True).mul_(inv_t)
+    m_s, m_t = s.amax(1, keepdim=True), t.amax(1, keepdim=True)
+    x = torch.sub(zt.to(acc), z.to(acc)).mul_(inv_t).sub_(m_t - m_s)  # t - s - k, k = m_t - m_s
+    w = s.sub_(m_s).exp()  # exp(s - m_s) <= 1; and w e^x = exp(t - m_t) <= 1: nothing overflows
+    total = w.sum(1, keepdim=True)
+    entropy = total.log()[:, 0] - _row_dot(w, s) / total[:, 0] if with_entropy else None  # s holds s - m_s
+    excess = _row_dot(w, torch.expm1(x)).unsqueeze(1)  # sum w (e^x - 1): the teacher's total minus the student's
+    r = x.sub_(torch.log1p(excess / total))  # log p_t - log p_s = x - log(1 + excess / total)
+    p_s = w.div_(total)
+    p_t = t.sub_(m_t).exp_().div_(total + excess)
+    e = torch.expm1(r.abs().neg_())  # in (-1, 0]: p_t - p_s = p_s e (r <= 0) = -p_t e (r > 0)
+    diff = torch.where(r > 0, p_t.neg(), p_s).mul_(e)
+    return LogRatio(r, p_s, p_t, e, diff, entropy)
+
+
+def _divergence(lr: LogRatio, beta: float, compute_grad: bool):
+    """Per-row loss and (if asked) dL/ds. Each loss term is written as a non-negative term of the form
+    p (e^y - 1 - y) (KL(P || Q) = E_P[e^y - 1 - y], y = log Q/P): a sum of non-negative terms has no cancellation,
+    where the textbook sum p (log p - log q) adds terms of both signs to a small total."""
+    if beta == 0.0:  # KL(p_t || p_s) = sum p_t r - (p_t - p_s); dL/ds = p_s - p_t
+        loss = (lr.p_t * lr.r).sub_(lr.diff).sum(1)
+        return loss, (lr.diff.neg_() if compute_grad else None)
+    if beta == 1.0:  # KL(p_s || p_t) = sum (p_t - p_s) - p_s r; dL/ds = -p_s (r + L)
+        loss = (lr.p_s * lr.r).neg_().add_(lr.diff).sum(1)
+        return loss, (lr.r.add_(loss[:, None]).mul_(lr.p_s).neg_() if compute_grad else None)
+    # m = p_s + beta (p_t - p_s). u = log(m / p_s) = log1p(beta e^... ) with the bounded side's expm1:
+    # r <= 0: u_s = log1p(beta e), r > 0: u_t = log1p((1 - beta) e), and u_s = u_t + r.
+    positive = lr.r > 0
+    u_s = torch.log1p(lr.e.mul_(torch.where(positive, 1.0 - beta, beta)))
+    u_s = torch.where(positive, u_s + lr.r, u_s)
+    u_t = u_s - lr.r
+    kl_s = (lr.diff * beta).sub_(lr.p_s * u_s).sum(1)  # KL(p_s || m) = sum beta (p_t - p_s) - p_s u_s
+    kl_t = (lr.diff * (beta - 1.0)).sub_(lr.p_t * u_t).sum(1)  # KL(p_t || m) = sum (1-beta)(p_s - p_t) - p_t u_t
     loss = beta * kl_t + (1.0 - beta) * kl_s
     if not compute_grad:
         return loss, None
-    grad = torch.mul(log_ratio_s.sub_(kl_s[:, None]), p_s, out=out if out is not None else p_s)
-    return loss, grad.mul_(1.0 - beta)
+    return loss, u_s.add_(kl_s[:, None]).mul_(lr.p_s).mul_(beta - 1.0)  # (1-beta) p_s (-u_s - KL(p_s || m))
 
 
 def _hard_label_part(z, rows, spec, acc, compute_grad):
