@@ -98,6 +98,12 @@ def _stock(device):
     return fwd
 
 
+def _stock_compiled(device):
+    """The stock loss under torch.compile (inductor may fuse or chunk it; TORCHINDUCTOR_AUTO_CHUNKER=1 asks it to
+    chunk the logits). The first call compiles: the bench's warm-up calls absorb it."""
+    return torch.compile(_stock(device), dynamic=False)
+
+
 # ---------------------------------------------------------------- torch.nn.functional.linear_cross_entropy
 def _torch_lce(device):
     if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
@@ -239,6 +245,8 @@ def _registry() -> dict[str, Impl]:
         Impl("ours-triton", "ours", _ours_strategy("triton"), True, _ours("triton"), cpu_opt_in=True, softcap=True),
         Impl("stock", "stock", "logits materialized, .float(), F.cross_entropy (transformers ForCausalLMLoss)",
              True, _stock, softcap=True),
+        Impl("stock-compiled", "peer", "torch.compile of the stock loss (logits, .float(), F.cross_entropy)",
+             True, _stock_compiled, default=False),
         Impl("torch-lce", "peer", "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions())",
              True, _torch_lce),
         Impl("liger", "peer", "Liger-Kernel fused linear cross-entropy, default (dW accumulated in input dtype)",
