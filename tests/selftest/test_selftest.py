@@ -41,13 +41,14 @@ def test_quick_selftest_is_green_and_writes_its_record(quick_run):
 
 
 def test_an_injected_wrong_gradient_fails_the_selftest(monkeypatch, tmp_path, capsys):
-    """The torch row function's gradient made 1% too large: the float64 checks see it, the command exits 1."""
+    """The torch row function's gradient made 3% too large (beyond bf16's own rounding, ~0.4% per element): the
+    float64 checks see it in fp32 and in bf16, the command exits 1."""
     real = torch_impl.ce_rows
 
     def wrong(z, rows, spec, compute_grad, *args, **kwargs):
         loss = real(z, rows, spec, compute_grad, *args, **kwargs)
         if compute_grad:
-            z.mul_(1.01)
+            z.mul_(1.03)
         return loss
 
     monkeypatch.setattr(torch_impl, "ce_rows", wrong)
