@@ -70,16 +70,16 @@ def _against_float64(group, name, fn, h, w, y, opts) -> Check:
 
 def real_head_cases(quick: bool, device) -> list[tuple[Shape, int, str]]:
     """Every head in bf16 and fp32 on a GPU. On a CPU the weights alone are 0.5-2.4 GB and its GEMMs take seconds
-    each: --quick checks Qwen2.5-0.5B's head in bf16, the full run adds Llama-3.2-1B's and Gemma-2-2B's (with its
-    softcap) in bf16 and Qwen2.5-0.5B's in fp32."""
+    each: --quick checks Qwen2.5-0.5B's head in bf16, the full run adds Llama-3.2-1B's in bf16 and Qwen2.5-0.5B's
+    in fp32. Gemma-2-2B's head (V=256000, softcap) is left to the GPU: on a loaded 2-core CPU it ran past 8 minutes
+    alone; the softcap itself is checked at the small shapes."""
     heads = {k: REAL_HEADS[k] for k in ("qwen2.5-0.5b", "llama3.2-1b", "gemma2-2b-softcap")}
     if device.type == "cuda":
         n = 1024 if quick else 4096
         return [(shape, n, dt) for shape in heads.values() for dt in ("bf16", "fp32")]
     cases = [(heads["qwen2.5-0.5b"], 16, "bf16")]
     if not quick:
-        cases += [(heads["qwen2.5-0.5b"], 16, "fp32"), (heads["llama3.2-1b"], 16, "bf16"),
-                  (heads["gemma2-2b-softcap"], 16, "bf16")]
+        cases += [(heads["qwen2.5-0.5b"], 16, "fp32"), (heads["llama3.2-1b"], 16, "bf16")]
     return cases
 
 
