@@ -25,7 +25,7 @@ def machine_info(device: torch.device) -> dict:
     else:
         from ..memory import _proc_kib_field
         total = _proc_kib_field("/proc/meminfo", "MemTotal")
-        info["memory_gib"] = round(total / 2**20, 1) if total else None
+        info["memory_gib"] = round(total / 2**30, 1) if total else None  # the field is read in bytes
         info["runtime"] = f"CPU, {torch.get_num_threads()} threads (no GPU: the torch path, Triton interpreted)"
         info["driver"] = None
     return info

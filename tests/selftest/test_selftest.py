@@ -24,6 +24,7 @@ def test_quick_selftest_is_green_and_writes_its_record(quick_run):
     failed = [(c["group"], c["name"], c["detail"][:300]) for c in doc["checks"] if c["status"] == "fail"]
     assert rc == 0 and doc["ok"] and not failed, failed
     assert doc["machine"]["device"].startswith("CPU") and doc["machine"]["torch"] == torch.__version__
+    assert 0.5 < doc["machine"]["memory_gib"] < 4096  # GiB, not another unit
     groups = {c["group"] for c in doc["checks"]}
     assert groups == {"machine", "numbers", "memory", "time", "patch"}
     names = " | ".join(c["name"] for c in doc["checks"])
