@@ -2,6 +2,7 @@
 
   demo           train a small Llama stock vs fused (offline) and compare loss curves and measured memory
   check          prove the patched loss and every gradient equal stock, per model family or for a checkpoint
+  selftest       on this machine: is the op right, lean and fast; does the patch train as stock does
   bench          time and measure the loss head: ours vs stock vs peers vs the GEMM floor (one job each:
                  op, verify, e2e, profile, real-heads, distill, tp, mlm, ...)
   distill-cache  store a teacher's top-k log-probs for offline distillation
@@ -14,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("demo", "check", "bench", "distill_cache")
+SUBCOMMANDS = ("demo", "check", "bench", "selftest", "distill_cache")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -37,12 +37,25 @@ def reference_linear_cross_entropy(
 
     logits_dtype: upcast the logits after the GEMM, as transformers does (bf16 GEMM, float32 softmax).
     """
-    soft = target_probs is not None
-    lead = targets.shape[:-1] if soft else targets.shape
     d = hidden.shape[-1]
     raw = torch.nn.functional.linear(hidden.reshape(-1, d), weight, bias)  # as lm_head: bias added before rounding
     if logits_dtype is not None:
         raw = raw.to(logits_dtype)
+    return reference_cross_entropy_on_logits(
+        raw, targets, ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+        token_weights=token_weights, target_probs=target_probs)
+
+
+def reference_cross_entropy_on_logits(raw: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                                      reduction: str = "mean", num_items_in_batch=None, label_smoothing: float = 0.0,
+                                      z_loss: float = 0.0, softcap: float | None = None, logit_scale: float = 1.0,
+                                      token_weights: torch.Tensor | None = None,
+                                      target_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The same loss from the raw logits (tokens x vocab, hidden @ weight.T + bias) instead of the head's inputs:
+    for a reference whose logits were built another way (e.g. a vocabulary slice at a time)."""
+    soft = target_probs is not None
+    lead = targets.shape[:-1] if soft else targets.shape
     z = transform_logits(raw, logit_scale, softcap)
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)

@@ -62,8 +62,9 @@ class StandInDriver:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int, compiled: list):
-    """Within: every `kernel[grid](...)` compiles for sm_<arch> and appends (case, kernel) instead of launching."""
+def compile_only(target: GPUTarget, compiled: list):
+    """Within: every `kernel[grid](...)` compiles for `target` and appends (kernel, compiler log) instead of
+    launching. The log is what the compiler printed (ptxas -v on CUDA; nothing on AMD)."""
     previous_getitem, previous_available = JITFunction.__getitem__, api.triton_available
     previous_driver = driver._active  # None without a GPU: reset_active() would look for a real driver
 
@@ -75,7 +76,7 @@ def compile_only(arch: int, compiled: list):
             compiled.append((kernel, log.getvalue()))
         return launch
 
-    driver.set_active(StandInDriver(GPUTarget("cuda", arch, 32)))
+    driver.set_active(StandInDriver(target))
     knobs.nvidia.dump_ptxas_log = True
     JITFunction.__getitem__, api.triton_available = getitem, (lambda device: True)
     try:
@@ -210,25 +211,35 @@ def measure(kernel, ptxas_log: str, arch: int, variant: str) -> Usage:
                  min(64 // warps, 65536 // (regs_per_warp * warps)))
 
 
+def compile_variants(target: GPUTarget, measure_one, probes=(run_probe,)) -> tuple[list, list, int]:
+    """(op kernels, probe kernels, variants compiled by cases that must reuse one) for one target;
+    `measure_one(kernel, compiler_log, variant)` reads a compiled kernel's resource use."""
+    seen, misses = {}, 0
+    for case in op_cases():
+        compiled = []
+        with compile_only(target, compiled):
+            run_case(case)
+        new = [(k, log) for k, log in compiled if k.hash not in seen]
+        if case.reuses:
+            misses += len(new)
+        for k, log in new:
+            seen[k.hash] = measure_one(k, log, case.name())
+    probe_usages = []
+    for probe in probes:
+        compiled = []
+        with compile_only(target, compiled):
+            probe()
+        probe_usages += [measure_one(k, log, "self-check") for k, log in compiled]
+    return list(seen.values()), probe_usages, misses
+
+
 def compile_all(archs=ARCHS) -> tuple[list[Usage], list[Usage], dict]:
     """(op kernels, probe kernels, {arch: variants compiled by cases that must reuse one}) per architecture."""
     usages, probes, reuse_misses = [], [], {}
     for arch in archs:
-        seen = {}
-        for case in op_cases():
-            compiled = []
-            with compile_only(arch, compiled):
-                run_case(case)
-            new = [(k, log) for k, log in compiled if k.hash not in seen]
-            if case.reuses:
-                reuse_misses[arch] = reuse_misses.get(arch, 0) + len(new)
-            for k, log in new:
-                seen[k.hash] = measure(k, log, arch, case.name())
-        usages += list(seen.values())
-        compiled = []
-        with compile_only(arch, compiled):
-            run_probe()
-        probes += [measure(k, log, arch, "self-check") for k, log in compiled]
+        ops, checks, misses = compile_variants(GPUTarget("cuda", arch, 32),
+                                               lambda k, log, variant: measure(k, log, arch, variant))
+        usages, probes, reuse_misses[arch] = usages + ops, probes + checks, misses
     return usages, probes, reuse_misses
 
 

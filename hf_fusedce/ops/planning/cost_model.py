@@ -30,12 +30,26 @@ _MiB = 1 << 20
 @dataclass(frozen=True)
 class Gpu:
     name: str
-    flops: float  # dense bf16/fp16 tensor-core FLOP/s reachable by large GEMMs
+    flops: float  # dense bf16/fp16 matrix FLOP/s reachable by large GEMMs (what the model uses)
     hbm: float  # bytes/s
+    peak_bf16: float | None = None  # the vendor's published dense peaks (FLOP/s), for reference (docs/gpu.md)
+    peak_fp32: float | None = None
 
 
-H100 = Gpu("H100 SXM", 700e12, 3.35e12)
-A100 = Gpu("A100 SXM", 280e12, 2.0e12)
+H100 = Gpu("H100 SXM", 700e12, 3.35e12, peak_bf16=989.4e12, peak_fp32=67e12)
+A100 = Gpu("A100 SXM", 280e12, 2.0e12, peak_bf16=312e12, peak_fp32=19.5e12)
+# AMD Instinct (published peaks: AMD's MI300X and MI250X data sheets). The reachable rate is assumed at 0.7 x the
+# dense peak, the fraction the H100 figure takes, until a `hf-fusedce selftest` run on the GPU measures it. An
+# MI250X is two GCDs that torch sees as two devices: one device has half the card's peak and bandwidth.
+MI300X = Gpu("MI300X", 0.7 * 1307.4e12, 5.3e12, peak_bf16=1307.4e12, peak_fp32=163.4e12)
+MI250X = Gpu("MI250X (one GCD)", 0.7 * 191.5e12, 1.6384e12, peak_bf16=191.5e12, peak_fp32=47.9e12)
+GPUS = {"H100": H100, "A100": A100, "MI300X": MI300X, "MI250X": MI250X}
+
+
+def gpu_for(device_name: str) -> Gpu | None:
+    """The modelled GPU a device name (torch.cuda.get_device_name) refers to, None if none is modelled."""
+    name = device_name.upper().replace(" ", "")
+    return next((gpu for key, gpu in GPUS.items() if key in name), None)
 ROW_VECTOR_BYTES = 40  # per token: loss, weight, target id, probability, active-row index, dh row slice bookkeeping
 TIME_TARGET = 1.10  # x floor: the default budget's modelled time, leaving room under the 1.15 goal
 
