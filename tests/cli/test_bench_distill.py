@@ -13,7 +13,9 @@ def test_bench_distill_writes_every_implementation(tmp_path):
     from hf_fusedce.cli.main import main
 
     out = str(tmp_path / "distill")
-    assert main(["bench", "distill", "--n", "64", "--shapes", "32x500", "--beta", "0,0.5",
+    # 1024 x 4000: several 4 MiB row blocks in one chunk, so the memory comparison means something (at one row
+    # block ours holds its ~9 block temporaries, about the materialized run's tensors)
+    assert main(["bench", "distill", "--n", "1024", "--shapes", "32x4000", "--beta", "0,0.5",
                  "--repeats", "1", "--warmup", "0", "--out", out]) == 0
     with open(os.path.join(out, "results.json")) as f:
         doc = json.load(f)
