@@ -279,8 +279,13 @@ def main(argv=None) -> int:
         problems.append("self-check: the spilling probe was not flagged; the checker is blind")
     problems += [f"runtime options or chunk offsets recompiled the kernel on sm_{a} ({n} new variants)"
                  for a, n in reuse_misses.items() if n]
-    if args.json:
-        with open(args.json, "w") as f:
+    return report(args.json, usages, probes, reuse_misses, problems)
+
+
+def report(json_path: str | None, usages, probes, reuse_misses: dict, problems: list[str]) -> int:
+    """Writes the compile report's JSON (when asked), prints each problem; exit status 1 when there is one."""
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump({"triton": triton.__version__, "usages": [asdict(u) for u in usages],
                        "probes": [asdict(p) for p in probes], "reuse_misses": reuse_misses,
                        "problems": problems}, f, indent=1)

@@ -17,18 +17,17 @@ Exit status 1 on any compile error, spill, scratch or AGPR use in the op's kerne
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from .aot import _spill_probe, compile_variants
+from .aot import _spill_probe, compile_variants, report
 
 ARCHS = ("gfx942", "gfx90a")
 GPUS = {"gfx942": "MI300X", "gfx90a": "MI250X"}
@@ -153,14 +152,7 @@ def main(argv=None) -> int:
             f.write(f"# Row kernel compiled for AMD Instinct without a GPU\n\n`python -m hf_fusedce.ops.cuda.hip "
                     f"--arch {' '.join(args.arch)}`; {summary}. waves: 64-lane wavefronts per workgroup; lds: "
                     f"Triton's shared memory; occ: waves per SIMD.\n\n```\n{format_table(usages + probes)}\n```\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "usages": [asdict(u) for u in usages],
-                       "probes": [asdict(p) for p in probes], "reuse_misses": reuse_misses,
-                       "problems": problems}, f, indent=1)
-    for p in problems:
-        print("PROBLEM:", p, file=sys.stderr)
-    return 1 if problems else 0
+    return report(args.json, usages, probes, reuse_misses, problems)
 
 
 if __name__ == "__main__":
