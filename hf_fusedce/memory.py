@@ -90,7 +90,9 @@ def _storage_tensors(tree) -> list[torch.Tensor]:
 def measure_peak(device: torch.device | str | None = None, compiled: bool = False):
     """`compiled`: the block runs torch.compile'd code. Under a TorchDispatchMode dynamo runs the code eagerly, so
     the tracker would measure the eager code, not the compiled one: on CPU the reading is then the peak RSS above
-    the start (Linux VmHWM, reset first; allocator noise included, method "rss_peak")."""
+    the start (Linux VmHWM, reset first; method "rss_peak"). Coarser than the tracker: allocator noise is included,
+    and memory malloc reuses from its heap without new pages (blocks under glibc's mmap threshold, at most 32 MiB)
+    is not seen, so it suits the N x V tensors of a loss head, not small ones."""
     device = torch.device(device if device is not None else "cpu")
     if compiled and device.type != "cuda" and reset_rss_peak():
         reading = PeakReading(str(device), "rss_peak")
