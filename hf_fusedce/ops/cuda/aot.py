@@ -261,13 +261,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every variant really compiles, ptxas logs
-        os.environ["TRITON_CACHE_DIR"] = cache
-        usages, probes, reuse_misses = compile_all(args.arch)
-    summary = (f"triton {triton.__version__}; {len(usages)} op kernel variants; recompiles by runtime options / "
-               f"chunk offsets {reuse_misses}")
-    print(format_table(usages + probes))
-    print(summary)
+    usages, probes, reuse_misses, summary = compile_fresh(compile_all, args.arch, format_table)
     if args.md:
         with open(args.md, "w") as f:
             f.write(f"# Row kernel compiled for CUDA without a GPU\n\n`python -m hf_fusedce.ops.cuda.aot "
@@ -280,6 +274,19 @@ def main(argv=None) -> int:
     problems += [f"runtime options or chunk offsets recompiled the kernel on sm_{a} ({n} new variants)"
                  for a, n in reuse_misses.items() if n]
     return report(args.json, usages, probes, reuse_misses, problems)
+
+
+def compile_fresh(compile_all_fn, archs, format_table_fn):
+    """Every variant compiled in a fresh Triton cache (so each really compiles and its logs are read); prints the
+    table and a summary line. Returns (usages, probes, reuse_misses, summary)."""
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        usages, probes, reuse_misses = compile_all_fn(archs)
+    summary = (f"triton {triton.__version__}; {len(usages)} op kernel variants; recompiles by runtime options / "
+               f"chunk offsets {reuse_misses}")
+    print(format_table_fn(usages + probes))
+    print(summary)
+    return usages, probes, reuse_misses, summary
 
 
 def report(json_path: str | None, usages, probes, reuse_misses: dict, problems: list[str]) -> int:

@@ -20,14 +20,13 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from .aot import _spill_probe, compile_variants, report
+from .aot import _spill_probe, compile_fresh, compile_variants, report
 
 ARCHS = ("gfx942", "gfx90a")
 GPUS = {"gfx942": "MI300X", "gfx90a": "MI250X"}
@@ -139,13 +138,7 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     if not hip_backend_available():
         parser.error(f"triton {triton.__version__} has no AMD backend")
-    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every variant really compiles
-        os.environ["TRITON_CACHE_DIR"] = cache
-        usages, probes, reuse_misses = compile_all(args.arch)
-    summary = (f"triton {triton.__version__}; {len(usages)} op kernel variants; recompiles by runtime options / "
-               f"chunk offsets {reuse_misses}")
-    print(format_table(usages + probes))
-    print(summary)
+    usages, probes, reuse_misses, summary = compile_fresh(compile_all, args.arch, format_table)
     problems = problems_of(usages, probes, reuse_misses)
     if args.md:
         with open(args.md, "w") as f:
